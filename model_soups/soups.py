@@ -1,0 +1,161 @@
+"""Soup methods (one registry), ensembles from stored logits, and the best individual.
+
+Every soup method returns a `Soup`: which ingredients, with which weights (global or per tensor). The
+weights are then applied by the streamed `merge.weighted_average`, so every soup is cooked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from model_soups.config import SoupOptions
+from model_soups.evaluate import log_softmax
+from model_soups.merge import Ingredient, add_into, divide, load_accumulator
+from model_soups.recipes import SplitData, logits_of
+from model_soups.storage import Store, TensorInfo
+
+ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Soup:
+    method: str
+    ingredients: list[Ingredient]
+    weights: list[float] | dict[str, list[float]]
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SoupContext:
+    """What a soup method may use. `ranked` is sorted by val accuracy, best first."""
+
+    store: Store
+    ranked: list[Ingredient]
+    val_accuracy: Mapping[str, float]
+    reference: Mapping[str, TensorInfo]
+    options: SoupOptions
+    score: Callable[[dict[str, torch.Tensor]], float]  # val accuracy of a state dict
+    model: torch.nn.Module
+    val: SplitData
+    eval_batch_size: int = 256
+
+
+SOUP_METHODS: dict[str, Callable[[SoupContext], Soup]] = {}
+
+
+def soup_method(name: str):
+    def register(fn: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
+        SOUP_METHODS[name] = fn
+        return fn
+    return register
+
+
+def accepts(score: float, best: float, rule: str) -> bool:
+    return score >= best if rule == ">=" else score > best
+
+
+def rank(ingredients: Sequence[Ingredient], val_accuracy: Mapping[str, float]) -> list[Ingredient]:
+    return sorted(ingredients, key=lambda i: -val_accuracy[i.id])  # stable: ties keep sweep order
+
+
+@soup_method("uniform")
+def uniform_soup(ctx: SoupContext) -> Soup:
+    return Soup("uniform", list(ctx.ranked), [1.0] * len(ctx.ranked))
+
+
+@soup_method("greedy")
+def greedy_soup(ctx: SoupContext) -> Soup:
+    """Recipe 1 of the paper: add the next-best ingredient if val accuracy does not drop. N-1 evaluations."""
+    accumulate = ACCUMULATE[ctx.options.accumulate]
+    best, *rest = ctx.ranked
+    chosen, total, best_score = [best], load_accumulator(ctx.store, best, accumulate, ctx.reference), ctx.val_accuracy[best.id]
+    trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
+    for ingredient in rest:
+        candidate = add_into(total, ctx.store, ingredient, ctx.reference)
+        score = ctx.score(divide(candidate, len(chosen) + 1, ctx.reference))
+        accepted = accepts(score, best_score, ctx.options.rule)
+        if accepted:
+            chosen, total, best_score = chosen + [ingredient], candidate, score
+        trajectory.append({"ingredient": ingredient.id, "individual_val": ctx.val_accuracy[ingredient.id],
+                           "soup_val": score, "accepted": accepted, "size": len(chosen)})
+    return Soup("greedy", chosen, [1.0] * len(chosen), trajectory)
+
+
+@soup_method("learned")
+def learned_soup(ctx: SoupContext) -> Soup:
+    """Mixing weights (softmax of logits, global or one set per tensor) fitted on val by gradient descent."""
+    loaded = [load_accumulator(ctx.store, i, torch.float32, ctx.reference) for i in ctx.ranked]
+    stacks = {name: torch.stack([state[name] for state in loaded]) for name in loaded[0] if loaded[0][name].is_floating_point()}
+    fixed = {name: value for name, value in loaded[0].items() if name not in stacks}
+    del loaded
+    rows = {name: (i if ctx.options.learned_granularity == "per-layer" else 0) for i, name in enumerate(stacks)}
+    alpha = torch.zeros(max(rows.values()) + 1, len(ctx.ranked), requires_grad=True)
+    optimizer = torch.optim.Adam([alpha], lr=0.05)
+    parameters = dict(ctx.model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    ctx.model.eval()
+    for _ in range(ctx.options.learned_steps):
+        index = torch.randperm(len(ctx.val), generator=generator)[: ctx.eval_batch_size]
+        weights = torch.softmax(alpha, dim=1)
+        # BatchNorm statistics follow the current weights but take no gradient
+        state = {**mix(stacks, {name: weights[row] if name in parameters else weights[row].detach()
+                                for name, row in rows.items()}), **fixed}
+        logits = logits_of(functional_call(ctx.model, state, args=(), kwargs=ctx.val.batch(index)))
+        loss = F.cross_entropy(logits, ctx.val.labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights = torch.softmax(alpha.detach(), dim=1)
+    return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in stacks} | {
+        name: [1.0] + [0.0] * (len(ctx.ranked) - 1) for name in fixed})
+
+
+def mix(stacks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sum_i w_i * theta_i per tensor, differentiable in w (stacks hold [N, *shape])."""
+    return {name: torch.tensordot(weights[name], stack, dims=1) for name, stack in stacks.items()}
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, data: SplitData, batch_size: int = 256) -> bool:
+    """Re-estimate BatchNorm running statistics on `data` (as torch.optim.swa_utils.update_bn)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    model.train()
+    for start in range(0, len(data), batch_size):
+        model(**data.batch(slice(start, start + batch_size)))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.eval()
+    return True
+
+
+def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Log of the mean predicted probability of the members: an output ensemble, as log-probabilities."""
+    probs = np.mean([np.exp(log_softmax(x.astype(np.float64))) for x in logits], axis=0)
+    return np.log(np.clip(probs, 1e-300, None))
+
+
+def greedy_ensemble(ranked: Sequence[str], val_logits: Mapping[str, np.ndarray], labels: np.ndarray, rule: str = ">=") -> list[str]:
+    """The greedy recipe applied to output ensembles, from stored val logits: no forward pass."""
+
+    def accuracy(members: list[str]) -> float:
+        return float((ensemble_logits([val_logits[m] for m in members]).argmax(1) == labels).mean())
+
+    chosen = [ranked[0]]
+    best = accuracy(chosen)
+    for member in ranked[1:]:
+        score = accuracy(chosen + [member])
+        if accepts(score, best, rule):
+            chosen, best = chosen + [member], score
+    return chosen

@@ -1,0 +1,306 @@
+"""fsspec storage: atomic writes, JSON, safetensors checkpoints read tensor by tensor with sha256 checks.
+
+Nothing is ever unpickled from storage: checkpoints are safetensors, parsed here from their header so that
+any fsspec URL (local, S3) can be streamed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from model_soups.config import StorageConfig
+
+CHUNK = 4 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class StorageError(RuntimeError):
+    """Storage cannot be reached or an object is missing."""
+
+
+class CorruptCheckpoint(StorageError):
+    """A checkpoint is truncated, malformed or does not match its recorded sha256."""
+
+
+class Store:
+    """One storage root (an fsspec URL) and the operations the pipeline needs on it."""
+
+    def __init__(self, config: StorageConfig):
+        self.config = config
+        self.root = config.root.rstrip("/")
+        options: dict[str, Any] = {}
+        if self.root.startswith("s3://"):
+            options = {
+                "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+                "retries": 3,
+            }
+            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["endpoint_url"] = endpoint
+            if config.key and config.secret:
+                options["key"] = config.key.get_secret_value()
+                options["secret"] = config.secret.get_secret_value()
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        self.protocol = self.root.split("://", 1)[0]
+        if self.protocol == "file":
+            self.root = "file://" + self.base
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def path(self, url: str) -> str:
+        if url.startswith(self.root):
+            return self.base + url[len(self.root):]
+        fs_protocol, _, rest = url.partition("://")
+        if fs_protocol != self.protocol:
+            raise StorageError(f"{url}: not under the storage root {self.root}")
+        return rest if self.protocol != "file" else self.fs._strip_protocol(url)
+
+    # -- plain objects -------------------------------------------------------------------------------
+    def exists(self, url: str) -> bool:
+        return self.fs.exists(self.path(url))
+
+    def read_bytes(self, url: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(url))
+        except FileNotFoundError:
+            raise StorageError(f"{url}: not found") from None
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write all or nothing: a reader never sees a half-written object."""
+        path = self.path(url)
+        if self.protocol == "file":
+            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.partial-{uuid.uuid4().hex}"
+            with open(partial, "wb") as handle:
+                handle.write(data)
+            os.replace(partial, path)
+        else:  # an S3 PUT is atomic: the object appears whole or not at all
+            self.fs.pipe_file(path, data)
+
+    def read_json(self, url: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(url))
+        except json.JSONDecodeError as error:
+            raise StorageError(f"{url}: not valid JSON ({error})") from None
+
+    def write_json(self, url: str, value: Any) -> None:
+        self.write_bytes(url, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def delete(self, url: str) -> None:
+        path = self.path(url)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def list(self, url: str) -> list[str]:
+        path = self.path(url)
+        if not self.fs.exists(path):
+            return []
+        return sorted(self.url_of(p) for p in self.fs.ls(path, detail=False))
+
+    def url_of(self, path: str) -> str:
+        path = path.rstrip("/")
+        return self.root + path[len(self.base):] if path.startswith(self.base) else f"{self.protocol}://{path}"
+
+    def sha256(self, url: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(url), "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def check_writable(self, experiment: str) -> None:
+        """Fail in seconds, before any training, if the root cannot be written."""
+        probe = self.url(experiment, f".probe-{uuid.uuid4().hex}")
+        try:
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+        except Exception as error:  # noqa: BLE001 - any failure here means the root is unusable
+            raise StorageError(
+                f"storage root {self.root} is not writable: {type(error).__name__}: {error}. "
+                "Check the URL, that the bucket exists, the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) "
+                "and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
+            ) from None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, url: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+        self.write_bytes(url, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def open_checkpoint(self, url: str, sha256: str | None = None) -> "CheckpointReader":
+        return CheckpointReader(self, url, sha256)
+
+    def load_checkpoint(self, url: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+        with self.open_checkpoint(url, sha256) as reader:
+            return dict(reader.tensors())
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class CheckpointReader:
+    """Reads a safetensors file one tensor at a time and checks its sha256 on the way.
+
+    Tensors read in file order are hashed as they stream past, so verification costs no extra read;
+    a read out of order falls back to one extra hashing pass at `verify()`.
+    """
+
+    def __init__(self, store: Store, url: str, sha256: str | None = None):
+        self.url, self.expected_sha = url, sha256
+        self.store = store
+        try:
+            self.size = store.fs.size(store.path(url))
+            self.handle = store.fs.open(store.path(url), "rb", block_size=CHUNK)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
+        self.digest = hashlib.sha256()
+        self.in_order, self.verified = True, False
+        prefix = self._read_hashed(8)
+        if len(prefix) < 8:
+            raise CorruptCheckpoint(f"checkpoint {url}: truncated ({self.size} bytes), not a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, self.size - 8):
+            raise CorruptCheckpoint(f"checkpoint {url}: header length {header_len} exceeds the file, not safetensors")
+        try:
+            header = json.loads(self._read_hashed(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CorruptCheckpoint(f"checkpoint {url}: header is not valid JSON, not a safetensors file") from None
+        self.data_start = 8 + header_len
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.info = self._parse_header(header)
+        self.position = self.data_start
+
+    def _parse_header(self, header: dict[str, Any]) -> dict[str, TensorInfo]:
+        info = {}
+        data_size = self.size - self.data_start
+        for name, entry in header.items():
+            dtype = DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise CorruptCheckpoint(f"checkpoint {self.url}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != expected or begin < 0 or end > data_size:
+                raise CorruptCheckpoint(
+                    f"checkpoint {self.url}: tensor {name!r} claims bytes {begin}..{end} for shape {shape}, "
+                    f"which is {expected} bytes in a data section of {data_size}: truncated or malformed"
+                )
+            info[name] = TensorInfo(dtype, shape, begin, end)
+        return dict(sorted(info.items(), key=lambda item: item[1].begin))
+
+    def _read_hashed(self, n: int) -> bytes:
+        data = self.handle.read(n)
+        self.digest.update(data)
+        return data
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            info = self.info[name]
+        except KeyError:
+            raise CorruptCheckpoint(f"checkpoint {self.url}: has no tensor {name!r}") from None
+        begin, end = self.data_start + info.begin, self.data_start + info.end
+        if begin >= self.position and self.in_order:
+            while self.position < begin:  # bytes between tensors still count toward the hash
+                self.position += len(self._read_hashed(min(CHUNK, begin - self.position)))
+            data = self._read_hashed(end - begin)
+            self.position = end
+        else:
+            self.in_order = False
+            self.handle.seek(begin)
+            data = self.handle.read(end - begin)
+        if len(data) != end - begin:
+            raise CorruptCheckpoint(f"checkpoint {self.url}: truncated inside tensor {name!r}")
+        if not data:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(bytearray(data), dtype=info.dtype).reshape(info.shape)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.info:
+            yield name, self.tensor(name)
+
+    def verify(self) -> None:
+        """Check the sha256 against the recorded one (once; leaving the `with` block also calls this)."""
+        if self.expected_sha is None or self.verified:
+            return
+        if self.in_order:
+            self.handle.seek(self.position)
+            while chunk := self._read_hashed(CHUNK):
+                pass
+            actual = self.digest.hexdigest()
+        else:
+            actual = self.store.sha256(self.url)
+        if actual != self.expected_sha:
+            raise CorruptCheckpoint(
+                f"checkpoint {self.url}: sha256 {actual[:12]}... does not match the recorded {self.expected_sha[:12]}...; "
+                "the file was changed or partly written"
+            )
+        self.verified = True
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.verify()
+        finally:
+            self.close()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+class Layout:
+    """Where each artifact of one experiment lives (see DESIGN.md, storage layout)."""
+
+    def __init__(self, store: Store, experiment: str):
+        self.store, self.experiment = store, experiment
+
+    def pretrained(self, fingerprint: str) -> str:
+        return self.store.url(self.experiment, "pretrained", f"{fingerprint}.safetensors")
+
+    def checkpoint(self, ingredient_id: str) -> str:
+        return self.store.url(self.experiment, "ingredients", ingredient_id, "model.safetensors")
+
+    def meta(self, ingredient_id: str) -> str:
+        return self.store.url(self.experiment, "ingredients", ingredient_id, "meta.json")
+
+    def evaluation(self, ingredient_id: str, split: str, suffix: str) -> str:
+        return self.store.url(self.experiment, "evals", ingredient_id, f"{split.replace(':', '_')}.{suffix}")
+
+    def run(self, run_id: str, *parts: str) -> str:
+        return self.store.url(self.experiment, "runs", run_id, *parts)

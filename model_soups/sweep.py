@@ -1,0 +1,83 @@
+"""Search space -> ingredient specs with stable ids."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from model_soups.config import ConfigError, Range, SearchSpace, describe_validation_error
+from model_soups.recipes import Recipe, stable_hash
+
+
+@dataclass(frozen=True)
+class IngredientSpec:
+    """One ingredient: fine-tuned from the pretrained start with `hparams`, or an existing checkpoint."""
+
+    id: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+def ingredient_id(recipe: Recipe, fingerprint: str, hparams: dict[str, Any]) -> str:
+    return stable_hash({"recipe": recipe.describe(), "fingerprint": fingerprint, "hparams": hparams})
+
+
+def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[IngredientSpec]:
+    params = {**SearchSpace(params=recipe.default_search).params, **space.params}
+    allowed = recipe.Hyperparameters.model_fields
+    for name, values in params.items():
+        if name not in allowed:
+            raise ConfigError(f"sweep.params.{name}: not a hyperparameter of recipe {recipe.name!r}; allowed: {', '.join(allowed)}")
+        if isinstance(values, list) and not values:
+            raise ConfigError(f"sweep.params.{name}: empty list of choices; give at least one value")
+    if space.strategy == "grid":
+        ranges = [name for name, values in params.items() if not isinstance(values, list)]
+        if ranges:
+            raise ConfigError(f"sweep.params.{ranges[0]}: a range needs strategy 'random'; a grid takes a list of values")
+        names = list(params)
+        samples = [dict(zip(names, combo)) for combo in itertools.product(*(params[n] for n in names))]
+    else:
+        rng = random.Random(space.seed)
+        samples = [{name: _draw(values, rng) for name, values in params.items()} for _ in range(space.n)]
+
+    specs: dict[str, IngredientSpec] = {}
+    for sample in samples:
+        hparams = validate_hparams(recipe, sample)
+        spec_id = ingredient_id(recipe, fingerprint, hparams)
+        specs.setdefault(spec_id, IngredientSpec(spec_id, hparams))
+    for url in space.checkpoints:
+        spec_id = "ckpt-" + hashlib.sha256(url.encode()).hexdigest()[:12]
+        specs.setdefault(spec_id, IngredientSpec(spec_id, checkpoint=url))
+    if not specs:
+        raise ConfigError("empty sweep: no ingredients. Give sweep.n >= 1, sweep.params with values, or sweep.checkpoints")
+    return list(specs.values())
+
+
+def validate_hparams(recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
+    try:
+        hparams = recipe.Hyperparameters.model_validate(sample)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error).replace("invalid config:", "invalid sweep.params:")) from None
+    if hparams.mixup > 0 and not recipe.supports_mixup:
+        raise ConfigError(f"sweep.params.mixup: recipe {recipe.name!r} does not support mixup; use 0")
+    if hparams.augment > 0 and not recipe.supports_augment:
+        raise ConfigError(f"sweep.params.augment: recipe {recipe.name!r} has no augmentation; use 0")
+    return hparams.model_dump()
+
+
+def _draw(values: list[Any] | Range, rng: random.Random) -> Any:
+    if isinstance(values, list):
+        return rng.choice(values)
+    if values.log:
+        if values.low <= 0:
+            raise ConfigError(f"a log range needs low > 0, got {values.low}")
+        value = math.exp(rng.uniform(math.log(values.low), math.log(values.high)))
+    else:
+        value = rng.uniform(values.low, values.high)
+    return float(f"{value:.3g}")  # short, stable values make readable ids and reports

@@ -1,0 +1,133 @@
+"""The fine-tuning loop: AdamW, warmup + cosine, label smoothing, mixup, augmentation, AMP on CUDA.
+
+`python -m model_soups.train` runs one ingredient from a JSON job on stdin; the pipeline starts it as a
+separate process pinned to one device slot, so a crash or an out-of-memory kills one ingredient only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_soups.config import StorageConfig
+from model_soups.recipes import Hyperparameters, Recipe, get_recipe, logits_of
+from model_soups.storage import Layout, Store
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" or "diverged"
+    state: dict[str, torch.Tensor] | None
+    steps: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    reason: str = ""
+
+
+def finetune(
+    recipe: Recipe,
+    pretrained: dict[str, torch.Tensor],
+    hp: Hyperparameters,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    torch.manual_seed(hp.seed)
+    generator = torch.Generator().manual_seed(hp.seed)
+    mixup_rng = np.random.default_rng(hp.seed)
+    model = recipe.build_model()
+    model.load_state_dict(pretrained)
+    model.to(device).train()
+    train = recipe.load_split("train")
+    steps_per_epoch = math.ceil(len(train) / hp.batch_size)
+    total = steps_per_epoch * hp.epochs if hp.max_steps is None else min(hp.max_steps, steps_per_epoch * hp.epochs)
+    warmup = int(hp.warmup_fraction * total)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    curve: list[tuple[int, float]] = []
+    report_every = max(1, total // 10)
+    step = 0
+    while step < total:
+        for index in torch.randperm(len(train), generator=generator).split(hp.batch_size):
+            if step >= total:
+                break
+            inputs, labels = train.batch(index), train.labels[index]
+            if hp.augment > 0:
+                inputs = recipe.augment(inputs, hp.augment, generator)
+            inputs = {name: value.to(device) for name, value in inputs.items()}
+            labels = labels.to(device)
+            lam, partner = 1.0, None
+            if hp.mixup > 0:
+                lam = float(mixup_rng.beta(hp.mixup, hp.mixup))
+                partner = torch.randperm(len(labels), generator=generator).to(device)
+                inputs = {n: lam * v + (1 - lam) * v[partner] if v.is_floating_point() else v for n, v in inputs.items()}
+            with autocast:
+                logits = logits_of(model(**inputs)).float()
+            loss = lam * F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+            if partner is not None:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, labels[partner], label_smoothing=hp.label_smoothing)
+            if not torch.isfinite(loss):
+                return TrainResult("diverged", None, step, curve, f"loss became {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % report_every == 0 or step == total:
+                curve.append((step, round(loss.item(), 5)))
+                log(f"step {step}/{total} loss {loss.item():.4f}")
+    state = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        return TrainResult("diverged", None, step, curve, f"weights became non-finite in {bad[0]!r}")
+    return TrainResult("completed", state, step, curve)
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    return {"torch": torch.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
+
+
+def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune one ingredient and store it: checkpoint first, then meta.json (the completion record)."""
+    store = Store(StorageConfig.model_validate(job["storage"]))
+    layout = Layout(store, job["experiment"])
+    recipe = get_recipe(job["recipe"]["name"], job["recipe"]["options"])
+    hp = recipe.Hyperparameters.model_validate(job["hparams"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pretrained = store.load_checkpoint(job["pretrained_url"], job["pretrained_sha256"])
+    started = time.time()
+    result = finetune(recipe, pretrained, hp, device, log)
+    meta = {
+        "id": job["id"], "status": result.status, "reason": result.reason, "hparams": hp.model_dump(),
+        "recipe": recipe.describe(), "pretrained_url": job["pretrained_url"],
+        "pretrained_sha256": job["pretrained_sha256"], "steps": result.steps, "curve": result.curve,
+        "seconds": round(time.time() - started, 3), "device": device, "versions": versions(),
+    }
+    if result.state is not None:
+        meta["checkpoint"] = layout.checkpoint(job["id"])
+        meta["sha256"] = store.save_checkpoint(meta["checkpoint"], result.state, {"ingredient": job["id"]})
+    store.write_json(layout.meta(job["id"]), meta)
+    log(f"{job['id']}: {result.status} after {result.steps} steps in {meta['seconds']:.1f}s {result.reason}")
+    return meta
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    job = json.loads(sys.stdin.read())
+    run_job(job, log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()

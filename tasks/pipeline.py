@@ -1,0 +1,89 @@
+"""Prefect tasks: thin wrappers over `model_soups.pipeline`, adding retries, logging and artifacts.
+
+Result caching is off on purpose: reuse is decided by the storage root, where every ingredient and
+evaluation is verified against its sha256 before it is reused. Prefect's cache could not see a corrupt or
+deleted checkpoint, and it would not be shared by machines that only share the bucket.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from model_soups import pipeline, report
+from model_soups.config import RunConfig
+from model_soups.recipes import get_recipe
+from model_soups.sweep import IngredientSpec
+
+QUIET = {"cache_policy": NONE, "persist_result": False}
+
+
+def artifact_key(config: RunConfig, name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"{config.experiment}-{name}".lower())
+
+
+@task(name="prepare", **QUIET)
+def prepare(config: RunConfig) -> dict[str, Any]:
+    """Check the config and the storage root cheaply, then build or reuse the pretrained start."""
+    log = get_run_logger().info
+    plan = pipeline.make_plan(config)
+    store, layout = pipeline.open_storage(config)
+    store.check_writable(config.experiment)
+    pretrained = pipeline.ensure_pretrained(store, layout, plan, log)
+    log(f"{len(plan.specs)} ingredients, splits {plan.splits}")
+    return {"pretrained": pretrained, "specs": [asdict(s) for s in plan.specs], "splits": plan.splits}
+
+
+@task(name="finetune", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2, **QUIET)
+def finetune(config: RunConfig, pretrained: dict[str, Any], spec: dict[str, Any], slot: dict[str, str]) -> dict[str, Any]:
+    """One ingredient in its own process on one device slot; a verified stored result is reused."""
+    log = get_run_logger().info
+    store, layout = pipeline.open_storage(config)
+    spec = IngredientSpec(**spec)
+    if spec.checkpoint:
+        return pipeline.register_checkpoint(store, layout, spec, pretrained)
+    meta = pipeline.completed_ingredient(store, layout, spec.id, log)
+    if meta is not None:
+        log(f"ingredient {spec.id}: reused ({meta['status']})")
+        return {**meta, "reused": True}
+    pipeline.run_finetune_process(pipeline.finetune_job(config, pretrained, spec), slot, config.execution.timeout_s, log)
+    meta = pipeline.completed_ingredient(store, layout, spec.id, log)
+    if meta is None:
+        raise RuntimeError(f"ingredient {spec.id}: the fine-tune process ended without a verified result")
+    return {**meta, "reused": False}
+
+
+@task(name="evaluate", task_run_name="evaluate-{meta[id]}-{split}", retries=1, **QUIET)
+def evaluate(config: RunConfig, meta: dict[str, Any], split: str) -> dict[str, Any]:
+    store, layout = pipeline.open_storage(config)
+    recipe = get_recipe(config.recipe.name, config.recipe.options)
+    return pipeline.evaluate_ingredient(store, layout, recipe, meta, split, get_run_logger().info)
+
+
+@task(name="cook-soup", task_run_name="cook-{method}-soup", **QUIET)
+def cook_soup(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+              val_accuracy: dict[str, float], method: str, run_id: str) -> dict[str, Any]:
+    plan = pipeline.make_plan(config)
+    return pipeline.cook_soup(config, plan, pretrained, metas, val_accuracy, method, run_id, get_run_logger().info)
+
+
+@task(name="publish", **QUIET)
+def publish(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str, Any]], failed: list[dict[str, Any]],
+            evaluations: list[dict[str, Any]], soup_records: list[dict[str, Any]], run_id: str) -> dict[str, str]:
+    """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
+    plan = pipeline.make_plan(config)
+    paths = pipeline.publish(config, plan, pretrained, metas, failed, evaluations, soup_records, run_id, get_run_logger().info)
+    store, _ = pipeline.open_storage(config)
+    table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
+    create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),
+                          description=f"Accuracy (%) per method, run {run_id}")
+    create_markdown_artifact(key=artifact_key(config, "report"), markdown=store.read_bytes(paths["report.md"]).decode(),
+                             description=f"Model soup report, run {run_id}")
+    create_link_artifact(key=artifact_key(config, "soup"), link=paths["soup"], link_text=f"soup.safetensors ({run_id})")
+    create_link_artifact(key=artifact_key(config, "report-html"), link=paths["report.html"], link_text=f"report.html ({run_id})")
+    return paths
