@@ -69,7 +69,8 @@ class SearchSpace(Strict):
     seed: int = Field(0, description="seed of the random search")
     params: dict[str, list[Any] | Range] = Field(
         default_factory=dict,
-        description="hyperparameter -> list of choices, or {low, high, log} for random search",
+        description="hyperparameter -> list of choices, or {low, high, log} for random search; a random "
+        "search also varies the recipe's default search space, a grid only what is given here",
     )
     checkpoints: list[str] = Field(
         default_factory=list, description="existing ingredient checkpoints (fsspec URLs) to add to the soup"

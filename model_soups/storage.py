@@ -183,7 +183,7 @@ class CheckpointReader:
             raise CorruptCheckpoint(f"checkpoint {url}: truncated ({self.size} bytes), not a safetensors file")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(MAX_HEADER_BYTES, self.size - 8):
-            raise CorruptCheckpoint(f"checkpoint {url}: header length {header_len} exceeds the file, not safetensors")
+            raise CorruptCheckpoint(f"checkpoint {url}: header length {header_len} exceeds the file: not a safetensors file")
         try:
             header = json.loads(self._read_hashed(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -29,13 +29,15 @@ def ingredient_id(recipe: Recipe, fingerprint: str, hparams: dict[str, Any]) -> 
 
 
 def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[IngredientSpec]:
-    params = {**SearchSpace(params=recipe.default_search).params, **space.params}
+    # A random search varies the recipe's defaults too, unless overridden; a grid spans only what is given.
+    defaults = SearchSpace(params=recipe.default_search).params if space.strategy == "random" else {}
+    params = {**defaults, **space.params}
     allowed = recipe.Hyperparameters.model_fields
     for name, values in params.items():
         if name not in allowed:
             raise ConfigError(f"sweep.params.{name}: not a hyperparameter of recipe {recipe.name!r}; allowed: {', '.join(allowed)}")
         if isinstance(values, list) and not values:
-            raise ConfigError(f"sweep.params.{name}: empty list of choices; give at least one value")
+            raise ConfigError(f"empty sweep: sweep.params.{name} has no values; give at least one")
     if space.strategy == "grid":
         ranges = [name for name, values in params.items() if not isinstance(values, list)]
         if ranges:

@@ -1,0 +1,133 @@
+"""Bad input is refused early with an error that names the field and what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
+from model_soups.pipeline import make_plan
+from model_soups.recipes import get_recipe
+from model_soups.storage import StorageError, Store
+from model_soups.sweep import expand
+
+
+def test_unknown_field_is_named_with_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"soup\.rulez: unknown field; allowed: methods, final, rule"):
+        parse_config({"soup": {"rulez": ">"}})
+
+
+def test_wrong_literal_names_field_and_value():
+    with pytest.raises(ConfigError, match=r"soup\.rule: .*'>=' or '>'.*got '=>'"):
+        parse_config({"soup": {"rule": "=>"}})
+
+
+def test_set_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: x\nsweep:\n  n: 3\n")
+    config = load_config(path, ["sweep.n=5", "soup.methods=[greedy]", "soup.final=greedy"])
+    assert config.sweep.n == 5 and config.soup.methods == ["greedy"] and config.experiment == "x"
+    with pytest.raises(ConfigError, match=r"sweep\.n: .*greater than or equal to 1"):
+        load_config(path, ["sweep.n=0"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(path, ["sweep.n"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ""])
+def test_experiment_name_cannot_escape_the_storage_root(name):
+    with pytest.raises(ConfigError, match="experiment"):
+        parse_config({"experiment": name})
+
+
+def test_storage_root_with_credentials_is_refused():
+    with pytest.raises(ConfigError, match="must not carry credentials"):
+        parse_config({"storage": {"root": "s3://AKIA:secret@bucket/x"}})
+
+
+def test_unknown_recipe_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'cifar'; registered: digits, text"):
+        get_recipe("cifar")
+
+
+def test_unknown_recipe_option_is_named():
+    with pytest.raises(ConfigError, match=r"recipe\.options for 'digits':\n  widht: unknown field"):
+        get_recipe("digits", {"widht": 3})
+
+
+def test_unknown_split_is_named_with_the_available_ones():
+    recipe = get_recipe("digits")
+    with pytest.raises(ConfigError, match=r"no split 'ood:snow'; splits: train, val, test, ood:rotate"):
+        recipe.load_split("ood:snow")
+    with pytest.raises(ConfigError, match=r"ood: unknown shift\(s\) \['snow'\]"):
+        get_recipe("digits", {"ood": ["snow"]})
+
+
+def test_empty_sweep_is_an_error_before_any_training():
+    with pytest.raises(ConfigError, match="empty sweep"):
+        make_plan(parse_config({"sweep": {"strategy": "grid", "params": {"lr": []}}}))
+
+
+def test_unknown_hyperparameter_in_the_sweep_is_named():
+    with pytest.raises(ConfigError, match=r"sweep\.params\.learning_rate: not a hyperparameter .*allowed: lr,"):
+        make_plan(parse_config({"sweep": {"params": {"learning_rate": [0.1]}}}))
+
+
+def test_out_of_range_hyperparameter_is_named():
+    with pytest.raises(ConfigError, match=r"sweep\.params:\n  lr: Input should be greater than 0"):
+        make_plan(parse_config({"sweep": {"strategy": "grid", "params": {"lr": [-1.0]}}}))
+
+
+def test_final_soup_must_be_cooked():
+    with pytest.raises(ConfigError, match="soup.final: 'greedy' is not among soup.methods"):
+        make_plan(parse_config({"soup": {"methods": ["uniform"]}}))
+
+
+def test_ingredient_ids_are_stable_and_depend_on_every_hyperparameter():
+    recipe = get_recipe("digits")
+    config = RunConfig()
+    first = expand(config.sweep, recipe, "fp")
+    again = expand(config.sweep, recipe, "fp")
+    assert [s.id for s in first] == [s.id for s in again] and len(first) == config.sweep.n
+    other_data = expand(config.sweep, recipe, "another-fingerprint")
+    assert not {s.id for s in first} & {s.id for s in other_data}
+
+
+def test_grid_is_every_combination():
+    recipe = get_recipe("digits")
+    space = parse_config({"sweep": {"strategy": "grid", "params": {"lr": [0.001, 0.002], "seed": [0, 1, 2]}}}).sweep
+    specs = expand(space, recipe, "fp")
+    assert len(specs) == 6 and {(s.hparams["lr"], s.hparams["seed"]) for s in specs} == {
+        (lr, seed) for lr in (0.001, 0.002) for seed in (0, 1, 2)}
+
+
+def test_text_recipe_without_training_file_says_what_to_set():
+    with pytest.raises(ConfigError, match="recipe.options.train: the text recipe needs a training file"):
+        get_recipe("text")
+
+
+def test_text_recipe_with_unloadable_model_says_what_to_pass(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,0\nb,1\n")
+    recipe = get_recipe("text", {"train": str(tmp_path / "train.csv"), "model": str(tmp_path / "no-model")})
+    with pytest.raises(ConfigError, match="cannot load model .*no-model.*local folder"):
+        recipe.build_model()
+
+
+def test_unreachable_s3_endpoint_fails_fast_naming_the_root():
+    import time
+
+    store = Store(StorageConfig(root="s3://bucket/prefix", endpoint_url="http://127.0.0.1:9"))
+    started = time.time()
+    with pytest.raises(StorageError, match=r"storage root s3://bucket/prefix is not writable: .*endpoint"):
+        store.check_writable("exp")
+    assert time.time() - started < 60
+
+
+def test_unwritable_local_root_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="is not writable"):
+        Store(StorageConfig(root=f"file://{blocker}/root")).check_writable("exp")

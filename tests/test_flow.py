@@ -1,0 +1,156 @@
+"""The model_soup flow on local storage: publishes everything, reuses what is stored, survives bad ingredients."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from flows.model_soup import TooFewIngredients, model_soup
+from model_soups.config import StorageConfig, parse_config
+from model_soups.storage import Store
+from tests.conftest import small_digits
+
+RUN_FILES = ["soup.safetensors", "manifest.json", "results.csv", "results.parquet", "report.md", "report.html"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flow-storage")
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, root):
+    config = parse_config(small_digits(f"file://{root}", experiment="flow", n=4))
+    return config, model_soup(config=config)
+
+
+def local(url: str) -> Path:
+    return Path(url.removeprefix("file://"))
+
+
+def stored_mtimes(root: Path, folder: str) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in (root / "flow" / folder).rglob("*") if p.is_file()}
+
+
+def test_run_folder_holds_soup_manifest_results_and_report(first_run):
+    config, paths = first_run
+    run = local(paths["run"])
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["ingredients"]) == 4 and manifest["final"] == "greedy"
+    store = Store(StorageConfig(root=paths["run"]))
+    assert manifest["files"]["soup.safetensors"] == store.sha256(paths["soup"])
+    for ingredient in manifest["ingredients"]:
+        assert store.sha256(ingredient["checkpoint"]) == ingredient["sha256"]
+    assert "<img alt='greedy' src='data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_every_method_is_reported_on_test_and_every_ood_split(first_run):
+    _, paths = first_run
+    results = pd.read_csv(local(paths["run"]) / "results.csv")
+    assert {"model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"} <= set(results.columns)
+    expected_splits = {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
+    for kind in ["ingredient", "best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]:
+        assert set(results[results.kind == kind].split) == expected_splits, kind
+
+
+def test_greedy_soup_val_accuracy_is_at_least_the_best_individual(first_run):
+    _, paths = first_run
+    results = pd.read_csv(local(paths["run"]) / "results.csv")
+    val = results[results.split == "val"].set_index("kind").accuracy
+    assert val["greedy_soup"] >= val["best_individual"]
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    assert manifest["soups"]["greedy"]["candidate_evaluations"] == 4 - 1
+
+
+def test_published_soup_is_the_greedy_average_of_its_ingredients(first_run):
+    _, paths = first_run
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    store = Store(StorageConfig(root=paths["run"]))
+    chosen = [i for i in manifest["ingredients"] if i["id"] in manifest["soups"]["greedy"]["ingredients"]]
+    states = [store.load_checkpoint(i["checkpoint"]) for i in chosen]
+    soup = store.load_checkpoint(paths["soup"], manifest["files"]["soup.safetensors"])
+    name = "head.weight"
+    assert torch.allclose(soup[name].double(), sum(s[name].double() for s in states) / len(states), atol=1e-6)
+
+
+def test_artifacts_are_published_with_stable_keys(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="flow-")))}
+    assert {"flow-results", "flow-report", "flow-soup", "flow-report-html", "flow-finetune-progress"} <= keys
+
+
+def test_second_run_reuses_every_ingredient_and_evaluation(first_run, root):
+    config, paths = first_run
+    before = {**stored_mtimes(root, "ingredients"), **stored_mtimes(root, "evals")}
+    again = model_soup(config=config)
+    assert again["run"] != paths["run"]
+    assert {**stored_mtimes(root, "ingredients"), **stored_mtimes(root, "evals")} == before
+
+
+def test_corrupt_checkpoint_is_detected_and_trained_again(first_run, root):
+    config, _ = first_run
+    victim = sorted((root / "flow" / "ingredients").iterdir())[0]
+    data = bytearray((victim / "model.safetensors").read_bytes())
+    (victim / "model.safetensors").write_bytes(bytes(data[: len(data) - 100]))  # an interrupted upload
+    meta_before = (victim / "meta.json").stat().st_mtime_ns
+    paths = model_soup(config=config)
+    assert (victim / "meta.json").stat().st_mtime_ns != meta_before
+    meta = json.loads((victim / "meta.json").read_text())
+    assert Store(StorageConfig(root=f"file://{root}")).sha256(meta["checkpoint"]) == meta["sha256"]
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    assert victim.name in [i["id"] for i in manifest["ingredients"]]
+
+
+def test_nan_ingredient_is_left_out_and_named_in_the_report(first_run, root, tmp_path):
+    config, paths = first_run
+    store = Store(StorageConfig(root=f"file://{root}"))
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    state = store.load_checkpoint(manifest["ingredients"][0]["checkpoint"])
+    state["head.bias"][3] = float("nan")
+    nan_url = store.url("outside", "nan.safetensors")
+    store.save_checkpoint(nan_url, state)
+    with_nan = config.model_copy(update={"sweep": config.sweep.model_copy(update={"checkpoints": [nan_url]})})
+    paths = model_soup(config=with_nan)
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    (failed,) = manifest["failed"]
+    assert failed["id"].startswith("ckpt-") and "head.bias" in failed["reason"] and "NaN" in failed["reason"]
+    assert len(manifest["ingredients"]) == 4
+    assert failed["id"] in (local(paths["run"]) / "report.md").read_text()
+
+
+def test_too_few_surviving_ingredients_fails_the_run(first_run):
+    config, _ = first_run
+    strict = config.model_copy(update={"execution": config.execution.model_copy(update={"min_ingredients": 5})})
+    with pytest.raises(TooFewIngredients, match="only 4 ingredients survived, execution.min_ingredients is 5"):
+        model_soup(config=strict)
+
+
+def test_cli_rebuilds_the_report_and_inspects_the_soup(first_run, capsys):
+    from flows.cli import main
+
+    _, paths = first_run
+    report = local(paths["report.md"])
+    report.unlink()
+    assert main(["report", paths["run"]]) == 0
+    assert report.is_file()
+    assert main(["inspect", paths["soup"]]) == 0
+    out = capsys.readouterr().out
+    assert "head.weight" in out and "sha256" in out
+
+
+def test_cli_refuses_a_bad_override_before_running(capsys, tmp_path):
+    from flows.cli import main
+
+    assert main(["demo", "--set", f"storage.root=file://{tmp_path}", "--set", "soup.rule=maybe"]) == 2
+    assert "soup.rule" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
