@@ -47,16 +47,15 @@ class Store:
         self.root = config.root.rstrip("/")
         options: dict[str, Any] = {}
         if self.root.startswith("s3://"):
-            options = {
-                "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
-                "retries": 3,
-            }
+            # bounded: an unreachable endpoint fails in seconds instead of retrying for minutes
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
             endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 options["endpoint_url"] = endpoint
             if config.key and config.secret:
                 options["key"] = config.key.get_secret_value()
                 options["secret"] = config.secret.get_secret_value()
+        self.endpoint = options.get("endpoint_url")
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
         self.protocol = self.root.split("://", 1)[0]
         if self.protocol == "file":
@@ -134,7 +133,8 @@ class Store:
             self.delete(probe)
         except Exception as error:  # noqa: BLE001 - any failure here means the root is unusable
             raise StorageError(
-                f"storage root {self.root} is not writable: {type(error).__name__}: {error}. "
+                f"storage root {self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''} is not writable: "
+                f"{type(error).__name__}: {error}. "
                 "Check the URL, that the bucket exists, the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) "
                 "and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
             ) from None
