@@ -225,17 +225,22 @@ class CheckpointReader:
         if begin >= self.position and self.in_order:
             while self.position < begin:  # bytes between tensors still count toward the hash
                 self.position += len(self._read_hashed(min(CHUNK, begin - self.position)))
-            data = self._read_hashed(end - begin)
-            self.position = end
         else:
             self.in_order = False
             self.handle.seek(begin)
-            data = self.handle.read(end - begin)
-        if len(data) != end - begin:
-            raise CorruptCheckpoint(f"checkpoint {self.url}: truncated inside tensor {name!r}")
-        if not data:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(bytearray(data), dtype=info.dtype).reshape(info.shape)
+        # read straight into the tensor's memory: no intermediate bytes object
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        filled = 0
+        while filled < len(view):
+            n = self.handle.readinto(view[filled:])
+            if not n:
+                raise CorruptCheckpoint(f"checkpoint {self.url}: truncated inside tensor {name!r}")
+            filled += n
+        if self.in_order:
+            self.digest.update(view)
+            self.position = end
+        return raw.view(info.dtype).reshape(info.shape)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.info:
