@@ -70,8 +70,9 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     logger.info(f"{len(evaluations)} evaluations ({sum(e['reused'] for e in evaluations)} reused)")
     val_accuracy = {e["id"]: e["accuracy"] for e in evaluations if e["split"] == "val"}
 
-    soups = [cook_soup.submit(config, pretrained, metas, val_accuracy, method, run_id) for method in config.soup.methods]
+    soups = [cook_soup.submit(config, pretrained, metas, val_accuracy, method) for method in config.soup.methods]
     soup_records = [future.result() for future in soups]
+    logger.info(f"{len(soup_records)} soups ({sum(r['reused'] for r in soup_records)} reused)")
     paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
     if failed:
         logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f['id'] for f in failed]}")

@@ -18,14 +18,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 
 from model_soups import merge, report, soups
 from model_soups.config import ConfigError, RunConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient
-from model_soups.recipes import Recipe, get_recipe
+from model_soups.recipes import Recipe, get_recipe, stable_hash
 from model_soups.storage import CorruptCheckpoint, Layout, Store, StorageError, load_npz, npz_bytes
 from model_soups.sweep import IngredientSpec, expand
 from model_soups.train import versions
@@ -190,11 +189,29 @@ def ingredients_of(metas: list[dict[str, Any]]) -> list[Ingredient]:
     return [Ingredient(m["id"], m["checkpoint"], m["sha256"]) for m in metas]
 
 
-def cook_soup(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: list[dict[str, Any]],
-              val_accuracy: dict[str, float], method: str, run_id: str, log: Log) -> dict[str, Any]:
-    """Cook one soup, evaluate it on every split, store its checkpoint and record under the run."""
+def soup_key(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+             val_accuracy: dict[str, float], method: str) -> str:
+    """A soup is determined by its method, the soup options and its ingredients: that is its storage key."""
+    options = config.soup.model_dump(exclude={"methods", "final", "ensembles"})
+    ingredients = sorted((m["id"], m["sha256"], val_accuracy[m["id"]]) for m in metas)
+    return stable_hash({"method": method, "options": options, "pretrained": pretrained["sha256"], "ingredients": ingredients})
+
+
+def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+              val_accuracy: dict[str, float], method: str, log: Log) -> dict[str, Any]:
+    """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused."""
     store, layout = open_storage(config)
-    recipe = plan.recipe
+    key = soup_key(config, pretrained, metas, val_accuracy, method)
+    record_url = layout.soup(key, "record.json")
+    if store.exists(record_url):
+        record = store.read_json(record_url)
+        try:
+            with store.open_checkpoint(record["checkpoint"], record["sha256"]):
+                pass
+            log(f"{method} soup {key}: reused")
+            return {**record, "reused": True}
+        except StorageError as error:
+            log(f"{method} soup {key}: stored soup is unusable ({error}); cooking it again")
     with store.open_checkpoint(pretrained["url"]) as base:
         reference = base.info
     val = recipe.load_split("val")
@@ -219,20 +236,20 @@ def cook_soup(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: 
     if config.soup.recompute_bn and soups.recompute_batchnorm(model, recipe.load_split("train"), recipe.eval_batch_size):
         state, batchnorm = {k: v.detach().clone() for k, v in model.state_dict().items()}, "recomputed on train"
     cooked_s = time.time() - started
-    url = layout.run(run_id, "soups", f"{method}.safetensors")
+    url = layout.soup(key, "soup.safetensors")
     sha = store.save_checkpoint(url, state, {"method": method})
     split_metrics = {}
-    for split in plan.splits:
+    for split in recipe.splits():
         data = recipe.load_split(split)
         split_metrics[split] = metrics(predict(model, data, recipe.eval_batch_size, evaluation_device()), data.labels.numpy())
-    record = {"method": method, "kind": KINDS[method], "checkpoint": url, "sha256": sha,
+    record = {"method": method, "kind": KINDS[method], "key": key, "checkpoint": url, "sha256": sha,
               "ingredients": [i.id for i in soup.ingredients], "trajectory": soup.trajectory,
               "weights": soup.weights, "candidate_evaluations": evaluations, "seconds": round(cooked_s, 3),
               "batchnorm": batchnorm, "metrics": split_metrics}
-    store.write_json(layout.run(run_id, "soups", f"{method}.json"), record)
-    log(f"{method} soup: {len(soup.ingredients)} ingredients, val {split_metrics['val']['accuracy']:.4f}, "
+    store.write_json(record_url, record)
+    log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val']['accuracy']:.4f}, "
         f"{evaluations} candidate evaluations")
-    return {k: v for k, v in record.items() if k != "weights"}
+    return {**record, "reused": False}
 
 
 def ensemble_rows(store: Store, layout: Layout, metas: list[dict[str, Any]], splits: list[str],
@@ -251,7 +268,7 @@ def ensemble_rows(store: Store, layout: Layout, metas: list[dict[str, Any]], spl
 
 
 # -- publish -----------------------------------------------------------------------------------------
-def publish(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: list[dict[str, Any]],
+def publish(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], metas: list[dict[str, Any]],
             failed: list[dict[str, Any]], evaluations: list[dict[str, Any]], soup_records: list[dict[str, Any]],
             run_id: str, log: Log) -> dict[str, str]:
     store, layout = open_storage(config)
@@ -267,7 +284,7 @@ def publish(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: li
         rows += [{"model": record["kind"], "kind": record["kind"], "split": split, **m, "n_ingredients": len(record["ingredients"])}
                  for split, m in record["metrics"].items()]
     if config.soup.ensembles:
-        rows += ensemble_rows(store, layout, metas, plan.splits, val_accuracy, config.soup.rule)
+        rows += ensemble_rows(store, layout, metas, recipe.splits(), val_accuracy, config.soup.rule)
     results = report.results_frame(rows)
     store.write_bytes(layout.run(run_id, "results.csv"), results.to_csv(index=False).encode())
     store.write_bytes(layout.run(run_id, "results.parquet"), results.to_parquet(index=False))
@@ -284,12 +301,12 @@ def publish(config: RunConfig, plan: Plan, pretrained: dict[str, Any], metas: li
     manifest = {
         "experiment": config.experiment, "run_id": run_id, "created": datetime.now(timezone.utc).isoformat(),
         "final": config.soup.final, "soup": soup_url, "soup_ingredients": len(final["ingredients"]),
-        "recipe": plan.recipe.describe(), "fingerprint": plan.fingerprint, "pretrained": pretrained,
+        "recipe": recipe.describe(), "fingerprint": pretrained["fingerprint"], "pretrained": pretrained,
         "ingredients": [{"id": m["id"], "checkpoint": m["checkpoint"], "sha256": m["sha256"], "hparams": m.get("hparams", {}),
                          "val_accuracy": val_accuracy[m["id"]]} for m in metas],
         "failed": failed, "best_individual": best,
         "soups": {r["method"]: {"ingredients": r["ingredients"], "checkpoint": r["checkpoint"], "sha256": r["sha256"],
-                                "weights_record": r["checkpoint"].replace(".safetensors", ".json"),
+                                "record": layout.soup(r["key"], "record.json"), "weights": r["weights"],
                                 "batchnorm": r["batchnorm"], "candidate_evaluations": r["candidate_evaluations"]}
                   for r in soup_records},
         "greedy_trajectory": greedy["trajectory"] if greedy else [],

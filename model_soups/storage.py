@@ -252,7 +252,7 @@ class CheckpointReader:
             return
         if self.in_order:
             self.handle.seek(self.position)
-            while chunk := self._read_hashed(CHUNK):
+            while self._read_hashed(CHUNK):
                 pass
             actual = self.digest.hexdigest()
         else:
@@ -306,6 +306,9 @@ class Layout:
 
     def evaluation(self, ingredient_id: str, split: str, suffix: str) -> str:
         return self.store.url(self.experiment, "evals", ingredient_id, f"{split.replace(':', '_')}.{suffix}")
+
+    def soup(self, key: str, name: str) -> str:
+        return self.store.url(self.experiment, "soups", key, name)
 
     def run(self, run_id: str, *parts: str) -> str:
         return self.store.url(self.experiment, "runs", run_id, *parts)

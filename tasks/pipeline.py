@@ -67,17 +67,17 @@ def evaluate(config: RunConfig, meta: dict[str, Any], split: str) -> dict[str, A
 
 @task(name="cook-soup", task_run_name="cook-{method}-soup", **QUIET)
 def cook_soup(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str, Any]],
-              val_accuracy: dict[str, float], method: str, run_id: str) -> dict[str, Any]:
-    plan = pipeline.make_plan(config)
-    return pipeline.cook_soup(config, plan, pretrained, metas, val_accuracy, method, run_id, get_run_logger().info)
+              val_accuracy: dict[str, float], method: str) -> dict[str, Any]:
+    recipe = get_recipe(config.recipe.name, config.recipe.options)
+    return pipeline.cook_soup(config, recipe, pretrained, metas, val_accuracy, method, get_run_logger().info)
 
 
 @task(name="publish", **QUIET)
 def publish(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str, Any]], failed: list[dict[str, Any]],
             evaluations: list[dict[str, Any]], soup_records: list[dict[str, Any]], run_id: str) -> dict[str, str]:
     """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
-    plan = pipeline.make_plan(config)
-    paths = pipeline.publish(config, plan, pretrained, metas, failed, evaluations, soup_records, run_id, get_run_logger().info)
+    recipe = get_recipe(config.recipe.name, config.recipe.options)
+    paths = pipeline.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id, get_run_logger().info)
     store, _ = pipeline.open_storage(config)
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
     create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),

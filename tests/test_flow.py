@@ -89,12 +89,14 @@ def test_artifacts_are_published_with_stable_keys(first_run):
     assert {"flow-results", "flow-report", "flow-soup", "flow-report-html", "flow-finetune-progress"} <= keys
 
 
-def test_second_run_reuses_every_ingredient_and_evaluation(first_run, root):
+def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root):
     config, paths = first_run
-    before = {**stored_mtimes(root, "ingredients"), **stored_mtimes(root, "evals")}
+    before = {folder: stored_mtimes(root, folder) for folder in ("pretrained", "ingredients", "evals", "soups")}
     again = model_soup(config=config)
     assert again["run"] != paths["run"]
-    assert {**stored_mtimes(root, "ingredients"), **stored_mtimes(root, "evals")} == before
+    assert {folder: stored_mtimes(root, folder) for folder in before} == before
+    first, second = (json.loads((local(p["run"]) / "manifest.json").read_text()) for p in (paths, again))
+    assert first["files"]["soup.safetensors"] == second["files"]["soup.safetensors"]
 
 
 def test_corrupt_checkpoint_is_detected_and_trained_again(first_run, root):

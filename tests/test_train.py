@@ -1,0 +1,46 @@
+"""The fine-tuning loop: deterministic on CPU for a seed, and a non-finite loss stops it as 'diverged'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_soups.pipeline import device_slots
+from model_soups.recipes import get_recipe
+
+
+@pytest.fixture(scope="module")
+def recipe_and_pretrained():
+    recipe = get_recipe("digits", {"width": 8, "pretrain_epochs": 1})
+    return recipe, recipe.make_pretrained()
+
+
+def test_same_seed_gives_identical_weights_on_cpu(recipe_and_pretrained):
+    from model_soups.train import finetune
+
+    recipe, pretrained = recipe_and_pretrained
+    hp = recipe.Hyperparameters(lr=3e-3, epochs=1, max_steps=8, mixup=0.2, augment=1.0, label_smoothing=0.1, seed=5)
+    first = finetune(recipe, pretrained, hp, log=lambda _: None)
+    second = finetune(recipe, pretrained, hp, log=lambda _: None)
+    other_seed = finetune(recipe, pretrained, hp.model_copy(update={"seed": 6}), log=lambda _: None)
+    assert first.status == second.status == "completed" and first.steps == 8
+    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+    assert not torch.equal(first.state["head.weight"], other_seed.state["head.weight"])
+
+
+def test_non_finite_loss_stops_the_ingredient_as_diverged(recipe_and_pretrained):
+    from model_soups.train import finetune
+
+    recipe, pretrained = recipe_and_pretrained
+    exploding = {k: v.clone() for k, v in pretrained.items()}
+    exploding["head.weight"].fill_(3e38)  # logits overflow to inf at the first step
+    result = finetune(recipe, exploding, recipe.Hyperparameters(epochs=1, max_steps=5), log=lambda _: None)
+    assert result.status == "diverged" and result.state is None
+    assert "loss became" in result.reason and "step 0" in result.reason
+
+
+def test_cpu_slots_get_one_thread_each_and_no_gpu():
+    slots = device_slots(3)
+    assert [s["name"] for s in slots] == ["cpu:0", "cpu:1", "cpu:2"] or all(s["name"].startswith("cuda:") for s in slots)
+    if slots[0]["name"].startswith("cpu"):
+        assert all(s["OMP_NUM_THREADS"] == "1" and s["CUDA_VISIBLE_DEVICES"] == "" for s in slots)
