@@ -130,6 +130,21 @@ def test_nan_ingredient_is_left_out_and_named_in_the_report(first_run, root, tmp
     assert failed["id"] in (local(paths["run"]) / "report.md").read_text()
 
 
+def test_existing_checkpoint_joins_the_soup_without_training(first_run, root):
+    config, paths = first_run
+    store = Store(StorageConfig(root=f"file://{root}"))
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    outside = store.url("outside", "earlier-search.safetensors")
+    store.save_checkpoint(outside, store.load_checkpoint(manifest["ingredients"][1]["checkpoint"]))
+    with_existing = config.model_copy(update={"sweep": config.sweep.model_copy(update={"checkpoints": [outside]})})
+    paths = model_soup(config=with_existing)
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    existing = [i for i in manifest["ingredients"] if i["checkpoint"] == outside]
+    assert len(manifest["ingredients"]) == 5 and len(existing) == 1 and existing[0]["id"].startswith("ckpt-")
+    results = pd.read_csv(local(paths["run"]) / "results.csv")
+    assert set(results[results.model == existing[0]["id"]].split) == {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
+
+
 def test_too_few_surviving_ingredients_fails_the_run(first_run):
     config, _ = first_run
     strict = config.model_copy(update={"execution": config.execution.model_copy(update={"min_ingredients": 5})})
