@@ -11,9 +11,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import RunConfig
 from model_soups.pipeline import device_slots, new_run_id
-from tasks.pipeline import artifact_key, cook_soup, evaluate, finetune, prepare, publish
+from tasks.pipeline import artifact_key, cook_soup, evaluate, finetune, finetune_on_pool, prepare, publish
 
-# Threads only wait here: fine-tunes run in their own processes, throttled to the device slots below.
+# Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
 THREADS = 16
 
 
@@ -22,21 +22,29 @@ class TooFewIngredients(RuntimeError):
 
 
 def run_finetunes(config: RunConfig, pretrained: dict[str, Any], specs: list[dict[str, Any]]) -> tuple[list, list]:
-    """Keep every device slot busy with one fine-tune until all are done; a slot is freed when its run ends."""
+    """Fine-tune every ingredient: on this machine's device slots, or as runs on the GPU work pool."""
     logger = get_run_logger()
-    finetune_with_retries = finetune.with_options(retries=config.execution.retries)
     progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
                                         description=f"{len(specs)} fine-tunes")
-    free, pending, running = device_slots(config.execution.device_slots), list(specs), {}
-    logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
     completed, failed = [], []
+    running: dict = {}
+    if config.execution.fanout == "work-pool":
+        on_pool = finetune_on_pool.with_options(retries=config.execution.retries)
+        logger.info(f"fine-tuning {len(specs)} ingredients as runs of {config.execution.finetune_deployment}")
+        running = {on_pool.submit(config, pretrained, spec): (spec, None) for spec in specs}
+        free, pending = [], []
+    else:
+        free, pending = device_slots(config.execution.device_slots), list(specs)
+        logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
+    local = finetune.with_options(retries=config.execution.retries)
     while pending or running:
-        while free and pending:
+        while free and pending:  # keep every device slot busy with one fine-tune
             spec, slot = pending.pop(0), free.pop(0)
-            running[finetune_with_retries.submit(config, pretrained, spec, slot)] = (spec, slot)
+            running[local.submit(config, pretrained, spec, slot)] = (spec, slot)
         future = next(as_completed(list(running)))
         spec, slot = running.pop(future)
-        free.append(slot)
+        if slot is not None:
+            free.append(slot)
         outcome = future.result(raise_on_failure=False)
         if isinstance(outcome, dict) and outcome["status"] == "completed":
             completed.append(outcome)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -99,15 +99,30 @@ class ExecutionConfig(Strict):
     retries: int = Field(1, ge=0, le=10, description="retries of a failed fine-tune before it is left out")
     timeout_s: float = Field(3600, gt=0, description="a fine-tune running longer is killed")
     min_ingredients: int = Field(1, ge=1, description="fewer surviving ingredients than this fails the run")
+    lease_s: float = Field(60, ge=3, description="a fine-tune whose lease is not renewed for this long is dead")
+    fanout: Literal["local", "work-pool"] = Field(
+        "local", description="local: fine-tunes on this machine's device slots; work-pool: as runs of a deployment"
+    )
+    finetune_deployment: str = Field("finetune/gpu", description="the deployment that fine-tunes in work-pool mode")
+    poll_s: float = Field(2, gt=0, le=60, description="how often work-pool mode checks its fine-tune runs")
 
 
 class RunConfig(Strict):
+    """Everything one model-soup run needs."""
+
     experiment: str = Field("digits-demo", pattern=NAME_PATTERN, description="groups ingredients and runs")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     sweep: SearchSpace = Field(default_factory=SearchSpace)
     soup: SoupOptions = Field(default_factory=SoupOptions)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="after")
+    def _credentials_stay_on_this_machine(self) -> "RunConfig":
+        if self.execution.fanout == "work-pool" and (self.storage.key or self.storage.secret):
+            raise ValueError("storage.key / storage.secret cannot travel to workers (parameters never carry secrets); "
+                             "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the workers' environment instead")
+        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -25,9 +26,9 @@ from model_soups.config import ConfigError, RunConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient
 from model_soups.recipes import Recipe, get_recipe, stable_hash
-from model_soups.storage import CorruptCheckpoint, Layout, Store, StorageError, load_npz, npz_bytes
+from model_soups.storage import CorruptCheckpoint, Layout, Lease, Store, StorageError, load_npz, npz_bytes
 from model_soups.sweep import IngredientSpec, expand
-from model_soups.train import versions
+from model_soups.train import BUSY_EXIT_CODE, versions
 
 Log = Callable[[str], None]
 KINDS = {"uniform": "uniform_soup", "greedy": "greedy_soup", "learned": "learned_soup"}
@@ -69,6 +70,21 @@ def device_slots(setting: int | str) -> list[dict[str, str]]:
         return [{"name": f"cuda:{i % gpus}", "CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(count)]
     return [{"name": f"cpu:{i}", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             for i in range(count)]
+
+
+def this_process_slot() -> dict[str, str]:
+    """The slot a worker was pinned to when it started (SOUP_SLOT names it); its environment is inherited."""
+    device = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"name": os.environ.get("SOUP_SLOT") or f"{socket.gethostname()}:{'cuda ' + device if device else 'cpu'}"}
+
+
+def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: float, lease_s: float) -> bool:
+    """True when a fine-tune that should be running has no live lease: its process or machine died."""
+    if running_for_s < lease_s or store.exists(layout.meta(ingredient_id)):
+        return False
+    lease = Lease(store, layout.lease(ingredient_id), lease_s)
+    record = lease.holder()
+    return record is None or lease.is_stale(record)
 
 
 # -- pretrained --------------------------------------------------------------------------------------
@@ -113,10 +129,37 @@ def completed_ingredient(store: Store, layout: Layout, ingredient_id: str, log: 
         return None
 
 
-def finetune_job(config: RunConfig, pretrained: dict[str, Any], spec: IngredientSpec) -> dict[str, Any]:
-    return {"id": spec.id, "hparams": spec.hparams, "experiment": config.experiment,
+def finetune_job(config: RunConfig, pretrained: dict[str, Any], spec: IngredientSpec, slot: str) -> dict[str, Any]:
+    return {"id": spec.id, "slot": slot, "hparams": spec.hparams, "experiment": config.experiment, "lease_s": config.execution.lease_s,
             "storage": config.storage.revealed(), "recipe": config.recipe.model_dump(),
             "pretrained_url": pretrained["url"], "pretrained_sha256": pretrained["sha256"]}
+
+
+class IngredientBusy(RuntimeError):
+    """Another process holds the ingredient's lease."""
+
+
+def train_ingredient(config: RunConfig, pretrained: dict[str, Any], spec: IngredientSpec, slot: dict[str, str],
+                     log: Log) -> dict[str, Any]:
+    """The stored ingredient if it is done, else train it; wait while another process is training it."""
+    store, layout = open_storage(config)
+    deadline = time.time() + config.execution.timeout_s
+    while True:
+        meta = completed_ingredient(store, layout, spec.id, log)
+        if meta is not None:
+            return {**meta, "reused": True}
+        try:
+            run_finetune_process(finetune_job(config, pretrained, spec, slot["name"]), slot, config.execution.timeout_s, log)
+            break
+        except IngredientBusy:
+            if time.time() > deadline:
+                raise TimeoutError(f"ingredient {spec.id}: still being trained elsewhere after {config.execution.timeout_s}s")
+            log(f"ingredient {spec.id}: another process is training it; waiting for its result")
+            time.sleep(min(5.0, config.execution.lease_s / 3))
+    meta = completed_ingredient(store, layout, spec.id, log)
+    if meta is None:
+        raise RuntimeError(f"ingredient {spec.id}: the fine-tune process ended without a verified result")
+    return {**meta, "reused": False}
 
 
 def run_finetune_process(job: dict[str, Any], slot: dict[str, str], timeout_s: float, log: Log) -> None:
@@ -140,6 +183,8 @@ def run_finetune_process(job: dict[str, Any], slot: dict[str, str], timeout_s: f
         timer.cancel()
     if killed.is_set():
         raise TimeoutError(f"ingredient {job['id']}: fine-tune exceeded {timeout_s}s on {slot['name']} and was killed")
+    if code == BUSY_EXIT_CODE:
+        raise IngredientBusy(job["id"])
     if code != 0:
         raise RuntimeError(f"ingredient {job['id']}: fine-tune process exited with {code} on {slot['name']}:\n" + "\n".join(tail))
 

@@ -10,7 +10,10 @@ import hashlib
 import io
 import json
 import os
+import socket
 import struct
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -93,6 +96,20 @@ class Store:
             os.replace(partial, path)
         else:  # an S3 PUT is atomic: the object appears whole or not at all
             self.fs.pipe_file(path, data)
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
+        path = self.path(url)
+        try:
+            if self.protocol == "file":
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "xb") as handle:
+                    handle.write(data)
+            else:
+                self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def read_json(self, url: str) -> Any:
         try:
@@ -278,6 +295,67 @@ class CheckpointReader:
             self.close()
 
 
+class Lease:
+    """Who is training an ingredient right now, so that no two processes (on any machine) train it at once.
+
+    The lease is an object created only if absent. Its holder renews it every `seconds / 3`; it is stale once
+    it has not been renewed for `seconds`, or at once if its holder is a dead process on this host.
+    Taking over a stale lease deletes it and creates it anew, which leaves a small window in which two takers
+    can race; both would train the same seeded ingredient to the same result.
+    """
+
+    def __init__(self, store: Store, url: str, seconds: float):
+        self.store, self.url, self.seconds = store, url, seconds
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({**self.owner, "expires": time.time() + self.seconds}).encode()
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return self.store.read_json(self.url)
+        except StorageError:
+            return None
+
+    def is_stale(self, record: dict[str, Any]) -> bool:
+        if record.get("expires", 0) < time.time():
+            return True
+        if record.get("host") == socket.gethostname():
+            try:
+                os.kill(int(record["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return False
+
+    def acquire(self) -> bool:
+        if not self.store.create_exclusive(self.url, self._record()):
+            record = self.holder()
+            if record is not None and not self.is_stale(record):
+                return False
+            self.store.delete(self.url)
+            if not self.store.create_exclusive(self.url, self._record()):
+                return False
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            self.store.write_bytes(self.url, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record = self.holder()
+        if record is not None and record.get("token") == self.owner["token"]:
+            self.store.delete(self.url)
+
+
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -300,6 +378,9 @@ class Layout:
 
     def checkpoint(self, ingredient_id: str) -> str:
         return self.store.url(self.experiment, "ingredients", ingredient_id, "model.safetensors")
+
+    def lease(self, ingredient_id: str) -> str:
+        return self.store.url(self.experiment, "ingredients", ingredient_id, "lease.json")
 
     def meta(self, ingredient_id: str) -> str:
         return self.store.url(self.experiment, "ingredients", ingredient_id, "meta.json")

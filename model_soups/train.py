@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model_soups.config import StorageConfig
 from model_soups.recipes import Hyperparameters, Recipe, get_recipe, logits_of
-from model_soups.storage import Layout, Store
+from model_soups.storage import Layout, Lease, Store
 
 
 @dataclass
@@ -99,10 +99,25 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
 
 
-def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune one ingredient and store it: checkpoint first, then meta.json (the completion record)."""
+BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease
+
+
+def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Fine-tune one ingredient under its lease; None if another process is training it right now."""
     store = Store(StorageConfig.model_validate(job["storage"]))
     layout = Layout(store, job["experiment"])
+    lease = Lease(store, layout.lease(job["id"]), job["lease_s"])
+    if not lease.acquire():
+        log(f"{job['id']}: busy, another process holds {layout.lease(job['id'])}")
+        return None
+    try:
+        return _train_and_store(job, store, layout, log)
+    finally:
+        lease.release()
+
+
+def _train_and_store(job: dict[str, Any], store: Store, layout: Layout, log: Callable[[str], None]) -> dict[str, Any]:
+    """Checkpoint first, then meta.json: the meta file is the completion record, with the checkpoint's sha256."""
     recipe = get_recipe(job["recipe"]["name"], job["recipe"]["options"])
     hp = recipe.Hyperparameters.model_validate(job["hparams"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +128,8 @@ def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str
         "id": job["id"], "status": result.status, "reason": result.reason, "hparams": hp.model_dump(),
         "recipe": recipe.describe(), "pretrained_url": job["pretrained_url"],
         "pretrained_sha256": job["pretrained_sha256"], "steps": result.steps, "curve": result.curve,
-        "seconds": round(time.time() - started, 3), "device": device, "versions": versions(),
+        "seconds": round(time.time() - started, 3), "device": device, "slot": job.get("slot", device),
+        "versions": versions(),
     }
     if result.state is not None:
         meta["checkpoint"] = layout.checkpoint(job["id"])
@@ -126,7 +142,8 @@ def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     job = json.loads(sys.stdin.read())
-    run_job(job, log=lambda line: print(line, flush=True))
+    if run_job(job, log=lambda line: print(line, flush=True)) is None:
+        sys.exit(BUSY_EXIT_CODE)
 
 
 if __name__ == "__main__":

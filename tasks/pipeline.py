@@ -8,12 +8,16 @@ deleted checkpoint, and it would not be shared by machines that only share the b
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.deployments import run_deployment
+from prefect.states import Crashed
 
 from model_soups import pipeline, report
 from model_soups.config import RunConfig
@@ -43,19 +47,13 @@ def prepare(config: RunConfig) -> dict[str, Any]:
 def finetune(config: RunConfig, pretrained: dict[str, Any], spec: dict[str, Any], slot: dict[str, str]) -> dict[str, Any]:
     """One ingredient in its own process on one device slot; a verified stored result is reused."""
     log = get_run_logger().info
-    store, layout = pipeline.open_storage(config)
     spec = IngredientSpec(**spec)
     if spec.checkpoint:
+        store, layout = pipeline.open_storage(config)
         return pipeline.register_checkpoint(store, layout, spec, pretrained)
-    meta = pipeline.completed_ingredient(store, layout, spec.id, log)
-    if meta is not None:
-        log(f"ingredient {spec.id}: reused ({meta['status']})")
-        return {**meta, "reused": True}
-    pipeline.run_finetune_process(pipeline.finetune_job(config, pretrained, spec), slot, config.execution.timeout_s, log)
-    meta = pipeline.completed_ingredient(store, layout, spec.id, log)
-    if meta is None:
-        raise RuntimeError(f"ingredient {spec.id}: the fine-tune process ended without a verified result")
-    return {**meta, "reused": False}
+    meta = pipeline.train_ingredient(config, pretrained, spec, slot, log)
+    log(f"ingredient {spec.id}: {'reused' if meta['reused'] else 'trained'} ({meta['status']})")
+    return meta
 
 
 @task(name="evaluate", task_run_name="evaluate-{meta[id]}-{split}", retries=1, **QUIET)
@@ -87,3 +85,38 @@ def publish(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str,
     create_link_artifact(key=artifact_key(config, "soup"), link=paths["soup"], link_text=f"soup.safetensors ({run_id})")
     create_link_artifact(key=artifact_key(config, "report-html"), link=paths["report.html"], link_text=f"report.html ({run_id})")
     return paths
+
+
+@task(name="finetune-on-pool", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2, **QUIET)
+def finetune_on_pool(config: RunConfig, pretrained: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One ingredient as a run of the finetune deployment on the GPU pool; its result is read from storage.
+
+    This waits in the orchestrating process and holds no slot of the GPU pool. A run whose fine-tune stops
+    renewing its lease (its worker or machine died) is marked Crashed, and the task's retry starts another.
+    """
+    log = get_run_logger().info
+    store, layout = pipeline.open_storage(config)
+    if not spec["checkpoint"]:
+        meta = pipeline.completed_ingredient(store, layout, spec["id"], log)
+        if meta is not None:
+            log(f"ingredient {spec['id']}: reused ({meta['status']})")
+            return {**meta, "reused": True}
+    run = run_deployment(config.execution.finetune_deployment, timeout=0, as_subflow=True,
+                         flow_run_name=f"finetune-{spec['id']}",
+                         parameters={"config": config.model_dump(mode="json"), "spec": spec, "pretrained": pretrained})
+    log(f"ingredient {spec['id']}: flow run {run.name} submitted to {config.execution.finetune_deployment}")
+    with get_client(sync_client=True) as client:
+        while not run.state.is_final():
+            time.sleep(config.execution.poll_s)
+            run = client.read_flow_run(run.id)
+            running_for = (datetime.now(timezone.utc) - run.start_time).total_seconds() if run.start_time else 0.0
+            if run.state.is_running() and pipeline.lease_lost(store, layout, spec["id"], running_for, config.execution.lease_s):
+                message = f"fine-tune of {spec['id']} stopped renewing its lease: its worker or machine died"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                raise RuntimeError(f"flow run {run.name}: {message}")
+    if not run.state.is_completed():
+        raise RuntimeError(f"flow run {run.name} ended {run.state.type.value}: {run.state.message}")
+    meta = pipeline.completed_ingredient(store, layout, spec["id"], log) if not spec["checkpoint"] else store.read_json(layout.meta(spec["id"]))
+    if meta is None:
+        raise RuntimeError(f"flow run {run.name} completed but ingredient {spec['id']} has no verified result in storage")
+    return {**meta, "reused": False}
