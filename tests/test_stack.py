@@ -1,0 +1,143 @@
+"""End to end on a real stack: Prefect server, S3 endpoint, process workers, `prefect deploy --all`,
+`prefect deployment run --watch`, and a worker killed in the middle of a fine-tune."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import s3fs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack_dir = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "STACK_DIR": str(stack_dir), "PREFECT_PORT": str(free_port()), "S3_PORT": str(free_port()),
+           "GPU_WORKERS": "2"}
+    up = subprocess.run([str(REPO / "infra/stack.sh"), "up"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        resolved = subprocess.run(["bash", "-c", f"source {stack_dir}/env && env -0"], env=env, capture_output=True,
+                                  text=True, check=True).stdout
+        env = dict(item.split("=", 1) for item in resolved.split("\0") if "=" in item)
+        env["PATH"] = f"{REPO / '.venv/bin'}:{env['PATH']}"
+        yield {"env": env, "dir": stack_dir}
+    finally:
+        subprocess.run([str(REPO / "infra/stack.sh"), "down"], env=env, cwd=REPO, capture_output=True, timeout=120)
+
+
+def prefect(stack, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(["prefect", *args], env=stack["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def api(stack, path: str, body: dict | None = None):
+    url = stack["env"]["PREFECT_API_URL"] + path
+    response = httpx.post(url, json=body or {}) if body is not None else httpx.get(url)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    result = prefect(stack, "deploy", "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return stack
+
+
+def test_nightly_deployment_has_its_schedule(deployed):
+    (nightly,) = api(deployed, "/deployments/filter", {"deployments": {"name": {"any_": ["nightly"]}}})
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["enforce_parameter_schema"] is True
+
+
+def test_invalid_parameter_is_refused_naming_the_field(deployed):
+    result = prefect(deployed, "deployment", "run", "model-soup/on-demand", "--params", '{"config": {"soup": {"rule": "=>"}}}')
+    output = result.stdout + result.stderr
+    assert "config.soup.rule" in output and "'=>' is not one of" in output
+    assert not api(deployed, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"is_null_": False}}})
+
+
+def worker_of(pid: int, workers: dict[int, str]) -> int | None:
+    """The recorded worker that `pid` descends from (walking /proc parent links)."""
+    while pid > 1:
+        if pid in workers:
+            return pid
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return None
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
+    env = deployed["env"]
+    fs = s3fs.S3FileSystem()
+    fs_env = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}, "key": env["AWS_ACCESS_KEY_ID"],
+              "secret": env["AWS_SECRET_ACCESS_KEY"]}
+    fs = s3fs.S3FileSystem(**fs_env)
+    config = {"experiment": "e2e", "storage": {"root": "s3://soup-bucket/soups"},
+              "recipe": {"name": "digits", "options": {"pretrain_epochs": 2}},
+              "sweep": {"n": 4, "seed": 1, "params": {"epochs": [30]}}, "soup": {"learned_steps": 5},
+              "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2}}
+    run = subprocess.Popen(["prefect", "deployment", "run", "model-soup/on-demand", "--params", json.dumps({"config": config}),
+                            "--watch", "--watch-timeout", "500"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    workers = {int((deployed["dir"] / "pids" / f"worker-gpu-{i}").read_text()): f"gpu-{i}" for i in range(2)}
+    killed, victim_ingredient = None, None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and run.poll() is None:
+        for lease in fs.glob("soup-bucket/soups/e2e/ingredients/*/lease.json"):
+            try:
+                holder = json.loads(fs.cat(lease))
+            except FileNotFoundError:
+                continue
+            worker = worker_of(int(holder["pid"]), workers)
+            if worker is not None:
+                os.killpg(worker, signal.SIGKILL)  # the worker, its flow run and its fine-tune process
+                try:
+                    os.killpg(os.getpgid(int(holder["pid"])), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed, victim_ingredient = workers[worker], lease.split("/")[-2]
+                break
+        fs.invalidate_cache()
+        time.sleep(0.3)
+    output, _ = run.communicate(timeout=520)
+    assert killed is not None, "no fine-tune was seen running on a worker\n" + output
+    assert run.returncode == 0 and "Flow run finished successfully in 'Completed'" in output, output[-3000:]
+
+    # the killed fine-tune was marked Crashed, retried, and finished on the surviving worker
+    runs = api(deployed, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "finetune-"}}})
+    states = {}
+    for flow_run in runs:
+        states.setdefault(flow_run["name"], []).append(flow_run["state_type"])
+    assert "CRASHED" in states[f"finetune-{victim_ingredient}"] and "COMPLETED" in states[f"finetune-{victim_ingredient}"]
+    assert len(states) == 4 and all("COMPLETED" in s for s in states.values())
+    meta = json.loads(fs.cat(f"soup-bucket/soups/e2e/ingredients/{victim_ingredient}/meta.json"))
+    survivor = ({"gpu-0", "gpu-1"} - {killed}).pop()
+    assert meta["slot"] == survivor
+
+    # both workers took work, everything is in the bucket, and the artifacts exist
+    for i in range(2):
+        assert "submitting flow run" in (deployed["dir"] / "logs" / f"worker-gpu-{i}.log").read_text()
+    (run_folder,) = fs.ls("soup-bucket/soups/e2e/runs")
+    listed = {p.rsplit("/", 1)[-1] for p in fs.ls(run_folder)}
+    assert {"soup.safetensors", "manifest.json", "results.csv", "results.parquet", "report.md", "report.html"} <= listed
+    keys = {a["key"] for a in api(deployed, "/artifacts/filter", {"artifacts": {"key": {"like_": "e2e-"}}})}
+    assert {"e2e-results", "e2e-report", "e2e-soup", "e2e-report-html", "e2e-finetune-progress"} <= keys
