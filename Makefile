@@ -7,7 +7,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 60
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test ui bench install clean
+.PHONY: demo test ui bench stack stack-down install clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/merge_memory.py
+
+# A Prefect server, an S3 endpoint and workers on 127.0.0.1; then: source .stack/env && prefect deploy --all
+stack: $(STAMP)
+	infra/stack.sh up
+
+stack-down:
+	infra/stack.sh down
 
 ui: $(STAMP)
 	$(VENV)/bin/prefect server start --host 127.0.0.1

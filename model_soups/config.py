@@ -105,6 +105,11 @@ class ExecutionConfig(Strict):
     )
     finetune_deployment: str = Field("finetune/gpu", description="the deployment that fine-tunes in work-pool mode")
     poll_s: float = Field(2, gt=0, le=60, description="how often work-pool mode checks its fine-tune runs")
+    evaluate_on: Literal["orchestrator", "finetune-worker"] = Field(
+        "orchestrator",
+        description="where ingredients are evaluated in work-pool mode: by the orchestrating flow run, or by each "
+        "fine-tune run right after training, on its GPU (soups are always cooked by the orchestrator)",
+    )
 
 
 class RunConfig(Strict):

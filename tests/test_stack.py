@@ -94,7 +94,7 @@ def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
     config = {"experiment": "e2e", "storage": {"root": "s3://soup-bucket/soups"},
               "recipe": {"name": "digits", "options": {"pretrain_epochs": 2}},
               "sweep": {"n": 4, "seed": 1, "params": {"epochs": [30]}}, "soup": {"learned_steps": 5},
-              "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2}}
+              "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2, "evaluate_on": "finetune-worker"}}
     run = subprocess.Popen(["prefect", "deployment", "run", "model-soup/on-demand", "--params", json.dumps({"config": config}),
                             "--watch", "--watch-timeout", "500"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -132,6 +132,12 @@ def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
     meta = json.loads(fs.cat(f"soup-bucket/soups/e2e/ingredients/{victim_ingredient}/meta.json"))
     survivor = ({"gpu-0", "gpu-1"} - {killed}).pop()
     assert meta["slot"] == survivor
+
+    # each ingredient was evaluated by its fine-tune run, on the worker's device
+    finetune_run_ids = [r["id"] for r in runs if r["state_type"] == "COMPLETED"]
+    evaluations = api(deployed, "/task_runs/filter", {"task_runs": {"name": {"like_": "evaluate-"}},
+                                                      "flow_runs": {"id": {"any_": finetune_run_ids}}})
+    assert len({t["name"] for t in evaluations}) == 4 * 5  # 4 ingredients x (val, test, 3 shifts)
 
     # both workers took work, everything is in the bucket, and the artifacts exist
     for i in range(2):
