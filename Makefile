@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[text,test]'
+	# naming torch again keeps pip's resolver from swapping in a newer (CUDA) build while it backtracks
+	$(PY) -m pip install -q -e '.[text,test]' torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +27,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/merge_memory.py
+	$(PY) bench/merge.py --growth
+	$(PY) bench/merge.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/quality.py digits
 
 # A Prefect server, an S3 endpoint and workers on 127.0.0.1; then: source .stack/env && prefect deploy --all
 stack: $(STAMP)

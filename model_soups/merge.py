@@ -70,11 +70,12 @@ def weighted_average(
     weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     accumulate: torch.dtype = torch.float32,
     reference: Mapping[str, TensorInfo] | None = None,
+    device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """sum_i w_i * theta_i / sum_i w_i for every floating tensor, streamed; `weights` may differ per key.
 
     With equal weights this computes (theta_1 + ... + theta_k) / k in ingredient order, bit for bit
-    what the greedy soup's running sum evaluates.
+    what the greedy soup's running sum evaluates. The sums run on `device`; the soup comes back on the CPU.
     """
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient")
@@ -89,11 +90,11 @@ def weighted_average(
             key_weights = weights[name] if isinstance(weights, Mapping) else weights
             total = None
             for reader, weight in zip(readers, key_weights):
-                tensor = reader.tensor(name)
+                tensor = reader.tensor(name).to(device, non_blocking=True)
                 check_finite(name, tensor, reader.url)
                 term = tensor.to(accumulate) if weight == 1.0 else tensor.to(accumulate) * weight
                 total = term if total is None else total.add_(term)
-            soup[name] = (total / float(sum(key_weights))).to(info.dtype)
+            soup[name] = (total / float(sum(key_weights))).to(info.dtype).cpu()
     return soup
 
 

@@ -219,11 +219,13 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: dict
         stored = store.read_json(json_url)
         if stored.get("checkpoint_sha256") == meta["sha256"]:
             return {**stored, "reused": True}
+    started = time.time()
     model = load_model(recipe, store.load_checkpoint(meta["checkpoint"], meta["sha256"]))
     data = recipe.load_split(split)
     logits = predict(model, data, recipe.eval_batch_size, evaluation_device())
     store.write_bytes(npz_url, npz_bytes(logits=logits, labels=data.labels.numpy()))
-    result = {"id": meta["id"], "split": split, "checkpoint_sha256": meta["sha256"], **metrics(logits, data.labels.numpy())}
+    result = {"id": meta["id"], "split": split, "checkpoint_sha256": meta["sha256"], **metrics(logits, data.labels.numpy()),
+              "seconds": round(time.time() - started, 4)}
     store.write_json(json_url, result)
     log(f"ingredient {meta['id']} on {split}: accuracy {result['accuracy']:.4f}")
     return {**result, "reused": False}
@@ -261,13 +263,15 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
         reference = base.info
     val = recipe.load_split("val")
     model = recipe.build_model()
-    evaluations = 0
+    evaluations, evaluation_s = 0, 0.0
 
     def score(state: dict[str, torch.Tensor]) -> float:
-        nonlocal evaluations
+        nonlocal evaluations, evaluation_s
         evaluations += 1
+        started = time.time()
         model.load_state_dict(state)
         accuracy = float((predict(model, val, recipe.eval_batch_size, evaluation_device()).argmax(1) == val.labels.numpy()).mean())
+        evaluation_s += time.time() - started
         log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
         return accuracy
 
@@ -280,16 +284,18 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
     batchnorm = "averaged"
     if config.soup.recompute_bn and soups.recompute_batchnorm(model, recipe.load_split("train"), recipe.eval_batch_size):
         state, batchnorm = {k: v.detach().clone() for k, v in model.state_dict().items()}, "recomputed on train"
-    cooked_s = time.time() - started
     url = layout.soup(key, "soup.safetensors")
     sha = store.save_checkpoint(url, state, {"method": method})
     split_metrics = {}
-    for split in recipe.splits():
+    for split in recipe.splits():  # logits are kept, as for ingredients, for paired comparisons later
         data = recipe.load_split(split)
-        split_metrics[split] = metrics(predict(model, data, recipe.eval_batch_size, evaluation_device()), data.labels.numpy())
+        logits = predict(model, data, recipe.eval_batch_size, evaluation_device())
+        store.write_bytes(layout.soup(key, f"{split.replace(':', '_')}.npz"), npz_bytes(logits=logits, labels=data.labels.numpy()))
+        split_metrics[split] = metrics(logits, data.labels.numpy())
     record = {"method": method, "kind": KINDS[method], "key": key, "checkpoint": url, "sha256": sha,
               "ingredients": [i.id for i in soup.ingredients], "trajectory": soup.trajectory,
-              "weights": soup.weights, "candidate_evaluations": evaluations, "seconds": round(cooked_s, 3),
+              "weights": soup.weights, "candidate_evaluations": evaluations, "candidate_seconds": round(evaluation_s, 4),
+              "seconds": round(time.time() - started, 3),
               "batchnorm": batchnorm, "metrics": split_metrics}
     store.write_json(record_url, record)
     log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val']['accuracy']:.4f}, "

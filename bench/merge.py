@@ -1,0 +1,206 @@
+"""Uniform soup of N safetensors checkpoints: this project's streamed merge against what people use.
+
+Methods, each in a fresh process on the same inputs, outputs checked equal to the streamed merge:
+  streamed        model_soups.merge.weighted_average: one tensor at a time, any fsspec URL
+  load-all        load every state dict, then average (what most code does)
+  running-average the official repository's loop, reimplemented: soup * n/(n+1) + new/(n+1)
+  raw-read        read the same bytes through fsspec in 4 MiB chunks: the floor
+
+Peak private memory is the child's RssAnon, sampled by the parent (RSS would count the page cache of
+memory-mapped safetensors). Local figures are with a warm page cache (each method reads the files once
+before it is timed); S3 figures go over HTTP to a moto server on 127.0.0.1.
+
+    python bench/merge.py                          # the comparison table, local disk and S3
+    python bench/merge.py --growth                 # peak memory of the streamed merge for N = 2..16, ~100 MB model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model_soups.config import StorageConfig
+from model_soups.storage import Store
+
+CHILD = r"""
+import json, sys, time, torch, fsspec
+from safetensors.torch import load, save_file
+from model_soups.config import StorageConfig
+from model_soups.merge import Ingredient, weighted_average
+from model_soups.storage import CHUNK, Store
+method, root, endpoint, out, urls = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4], sys.argv[5:]
+store = Store(StorageConfig(root=root, endpoint_url=endpoint))
+def read(url):
+    return store.read_bytes(url)
+def average(states):
+    return {k: (sum(s[k].float() for s in states) / len(states)).to(states[0][k].dtype) if states[0][k].is_floating_point()
+            else states[0][k] for k in states[0]}
+print("ready", flush=True); sys.stdin.readline()
+started = time.time()
+if method == "streamed":
+    soup = weighted_average(store, [Ingredient(str(i), u) for i, u in enumerate(urls)])
+elif method == "load-all":
+    soup = average([load(read(u)) for u in urls])
+elif method == "running-average":
+    soup = None
+    for n, url in enumerate(urls):
+        new = load(read(url))
+        soup = new if soup is None else {k: soup[k] * (n / (n + 1)) + new[k] / (n + 1) if new[k].is_floating_point()
+                                          else soup[k] for k in new}
+else:  # raw-read
+    soup = None
+    for url in urls:
+        with store.fs.open(store.path(url), "rb", block_size=CHUNK) as handle:
+            while handle.read(CHUNK):
+                pass
+seconds = time.time() - started
+if soup is not None and out != "-":
+    save_file({k: v.contiguous() for k, v in soup.items()}, out)
+print(json.dumps({"seconds": seconds}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def rss_anon_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc; this benchmark needs Linux")
+
+
+def measure(method: str, store: Store, urls: list[str], out: str) -> dict:
+    child = subprocess.Popen([sys.executable, "-c", CHILD, method, store.root, store.endpoint or "", out, *urls],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    baseline = peak = rss_anon_kb(child.pid)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    selector = selectors.DefaultSelector()
+    selector.register(child.stdout, selectors.EVENT_READ)
+    line = ""
+    while not line:
+        peak = max(peak, rss_anon_kb(child.pid))
+        if selector.select(timeout=0.002):
+            line = child.stdout.readline()
+    child.stdin.write("end\n")
+    child.stdin.flush()
+    child.wait()
+    return {"seconds": json.loads(line)["seconds"], "private_mb": (peak - baseline) / 1024,
+            "process_peak_mb": peak / 1024, "process_baseline_mb": baseline / 1024}
+
+
+def make_checkpoints(store: Store, prefix: str, count: int, megabytes: float, width: int) -> list[str]:
+    """Transformer-like layout: square fp32 matrices with bias vectors, plus an integer buffer."""
+    layers = max(1, round(megabytes * 2**20 / 4 / (4 * width * width)))
+    torch.manual_seed(0)
+    base = {f"layers.{layer}.{name}.{kind}": torch.randn((width, width) if kind == "weight" else (width,)) * 0.02
+            for layer in range(layers) for name in "qkvo" for kind in ("weight", "bias")}
+    base["step"] = torch.tensor(1000)
+    urls = []
+    for i in range(count):
+        url = store.url(prefix, f"ingredient-{i}.safetensors")
+        if not store.exists(url):
+            store.save_checkpoint(url, {k: v + 0.001 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()})
+        urls.append(url)
+    return urls
+
+
+def compare(store: Store, where: str, urls: list[str], model_mb: float, scratch: Path) -> list[dict]:
+    rows, reference = [], None
+    for method in ("raw-read", "streamed", "load-all", "running-average"):
+        if where == "local":
+            measure("raw-read", store, urls, "-")  # warm the page cache for every method alike
+        out = str(scratch / f"{method}.safetensors")
+        result = measure(method, store, urls, out if method != "raw-read" else "-")
+        if method != "raw-read":
+            from safetensors.torch import load_file
+
+            soup = load_file(out)
+            if reference is None:
+                reference = soup
+            result["max_abs_diff"] = max(float((soup[k].double() - reference[k].double()).abs().max()) for k in reference)
+        gigabytes = model_mb * len(urls) / 1024
+        rows.append({"where": where, "n": len(urls), "model_mb": model_mb, "method": method, **result,
+                     "gb_per_s": gigabytes / result["seconds"], "private_mem_over_model": result["private_mb"] / model_mb})
+    floor = rows[0]["seconds"]
+    for row in rows:
+        row["read_bandwidth_ratio"] = floor / row["seconds"]
+    return rows
+
+
+def comparison(args) -> None:
+    from moto.server import ThreadedMotoServer
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="soup-merge-bench-"))
+    scratch = folder / "outputs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    stores = {"local": Store(StorageConfig(root=f"file://{folder}")),
+              "s3": Store(StorageConfig(root="s3://merge-bench/x", endpoint_url=f"http://{host}:{port}"))}
+    stores["s3"].fs.mkdir("merge-bench")
+    cases = [(n, args.small_mb, 256) for n in (4, 16, 64)] + [(8, args.large_mb, 1024)]
+    rows = []
+    for where, store in stores.items():
+        for n, megabytes, width in cases:
+            urls = make_checkpoints(store, f"m{megabytes}", n, megabytes, width)
+            rows += compare(store, where, urls, round(megabytes * 1.0, 1), scratch)
+            print(f"done: {where} N={n} {megabytes} MB", file=sys.stderr)
+    server.stop()
+    print("\nUniform soup of N checkpoints (fp32); local: warm page cache; s3: moto over HTTP on 127.0.0.1\n")
+    print("| where | N | model MB | method | seconds | GB/s | x raw read | private MB | / model | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['where']} | {r['n']} | {r['model_mb']:.0f} | {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | "
+              f"{r['read_bandwidth_ratio']:.2f} | {r['private_mb']:.0f} | {r['private_mem_over_model']:.2f} | "
+              f"{r.get('max_abs_diff', float('nan')):.1e} |")
+    streamed = [r for r in rows if r["method"] == "streamed"]
+    summary = {"read_bandwidth_ratio": min(r["read_bandwidth_ratio"] for r in streamed),
+               "peak_private_mem_over_model": max(r["private_mem_over_model"] for r in streamed)}
+    print(f"\nstreamed merge: worst read_bandwidth_ratio {summary['read_bandwidth_ratio']:.2f} (goal >= 0.8), "
+          f"worst peak_private_mem_over_model {summary['peak_private_mem_over_model']:.2f} (goal <= 1.5)")
+    print("mergekit: not measured here (see bench/RESULTS.md)")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/merge.json").write_text(json.dumps({"rows": rows, **summary}, indent=2))
+
+
+def growth(args) -> None:
+    folder = args.dir or tempfile.mkdtemp(prefix="soup-merge-growth-")
+    store = Store(StorageConfig(root=f"file://{folder}"))
+    urls = make_checkpoints(store, "growth", 16, 100, 1024)
+    rows = [{"n": n, **measure("streamed", store, urls[:n], "-")} for n in (2, 4, 8, 16)]
+    print("\nStreamed uniform merge, ~100 MB fp32 model, local disk: peak private memory (RssAnon) of a fresh process\n")
+    print("| N | seconds | process baseline MB | process peak MB | added by the merge MB | added / model |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} | {r['seconds']:.2f} | {r['process_baseline_mb']:.0f} | {r['process_peak_mb']:.0f} | "
+              f"{r['private_mb']:.0f} | {r['private_mb'] / 100:.2f} |")
+    change = rows[-1]["process_peak_mb"] / rows[0]["process_peak_mb"] - 1
+    print(f"\npeak private memory from N=2 to N=16: {100 * change:+.1f}%")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/merge_growth.json").write_text(json.dumps({"rows": rows, "change": change}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--growth", action="store_true", help="only the N = 2..16 memory-growth table")
+    parser.add_argument("--small-mb", type=float, default=8)
+    parser.add_argument("--large-mb", type=float, default=500)
+    parser.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary folder)")
+    args = parser.parse_args()
+    growth(args) if args.growth else comparison(args)
+
+
+if __name__ == "__main__":
+    main()

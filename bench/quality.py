@@ -1,0 +1,171 @@
+"""The paper's table for this project: best individual vs soups vs ensembles, with paired statistics.
+
+Runs the real model_soup flow (local storage, temporary Prefect server) and then reads the stored
+per-example logits of every ingredient and soup, so that each difference to the best individual comes
+with its paired standard error and its discordant counts.
+
+    python bench/quality.py digits [--seeds 0 1 2] [--n 16]
+    python bench/quality.py text --train URL --test URL [--ood name=URL ...] [--n 8] [--max-train 4000]
+        e.g. --train ../shared/data/sst2/train.tsv --test ../shared/data/sst2/dev.tsv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+
+from model_soups.config import parse_config  # noqa: E402
+from model_soups.storage import Layout, Store, load_npz  # noqa: E402
+
+METHODS = ["best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]
+
+
+def correct_per_example(store: Store, layout: Layout, manifest: dict, kind: str, split: str) -> np.ndarray:
+    """Per-example correctness of one method on one split, from stored logits."""
+    from model_soups.soups import ensemble_logits, greedy_ensemble, rank
+    from model_soups.merge import Ingredient
+
+    def stored(ingredient_id: str, s: str) -> dict:
+        return load_npz(store.read_bytes(layout.evaluation(ingredient_id, s, "npz")))
+
+    if kind == "best_individual":
+        data = stored(manifest["best_individual"], split)
+    elif kind.endswith("_soup"):
+        key = manifest["soups"][kind.removesuffix("_soup")]["record"].rsplit("/", 2)[-2]
+        data = load_npz(store.read_bytes(layout.soup(key, f"{split.replace(':', '_')}.npz")))
+    else:
+        val_accuracy = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
+        ranked = [i.id for i in rank([Ingredient(i, "") for i in val_accuracy], val_accuracy)]
+        members = ranked
+        if kind == "greedy_ensemble":
+            val = {i: stored(i, "val") for i in ranked}
+            members = greedy_ensemble(ranked, {i: v["logits"] for i, v in val.items()}, val[ranked[0]]["labels"],
+                                      manifest["config"]["soup"]["rule"])
+        parts = [stored(i, split) for i in members]
+        data = {"logits": ensemble_logits([p["logits"] for p in parts]), "labels": parts[0]["labels"]}
+    return data["logits"].argmax(1) == data["labels"]
+
+
+def paired(method: np.ndarray, best: np.ndarray) -> dict[str, float]:
+    """Difference in accuracy (points), its paired standard error, and the discordant counts."""
+    diff = method.astype(float) - best.astype(float)
+    return {"diff_pp": 100 * diff.mean(), "se_pp": 100 * diff.std(ddof=1) / np.sqrt(len(diff)),
+            "method_only_right": int(((diff > 0)).sum()), "best_only_right": int((diff < 0).sum()), "n": len(diff)}
+
+
+def ood_correct(store, layout, manifest, kind, ood_splits) -> np.ndarray:
+    """Mean correctness over the OOD splits per example (shifts of the same images), else concatenated."""
+    per_split = [correct_per_example(store, layout, manifest, kind, s).astype(float) for s in ood_splits]
+    if len({len(p) for p in per_split}) == 1:
+        return np.mean(per_split, axis=0)
+    return np.concatenate(per_split)
+
+
+def evaluate_run(run_url: str) -> dict:
+    store = Store(parse_config({"storage": {"root": run_url.rsplit("/runs/", 1)[0].rsplit("/", 1)[0]}}).storage)
+    manifest = store.read_json(f"{run_url}/manifest.json")
+    layout = Layout(store, manifest["experiment"])
+    splits = list(json.loads(store.read_bytes(manifest["soups"]["greedy"]["record"]))["metrics"])
+    ood = [s for s in splits if s.startswith("ood:")]
+    table = {}
+    for kind in METHODS:
+        row = {"val": 100 * correct_per_example(store, layout, manifest, kind, "val").mean()}
+        for name, correct in [("test", correct_per_example(store, layout, manifest, kind, "test"))] + (
+                [("ood", ood_correct(store, layout, manifest, kind, ood))] if ood else []):
+            best = (correct_per_example(store, layout, manifest, "best_individual", "test") if name == "test"
+                    else ood_correct(store, layout, manifest, "best_individual", ood))
+            row[name] = 100 * correct.mean()
+            row[f"{name}_vs_best"] = paired(correct, best)
+        table[kind] = row
+    table["greedy_soup"]["n_ingredients"] = len(manifest["soups"]["greedy"]["ingredients"])
+    table["all"] = {"n_ingredients": len(manifest["ingredients"])}
+    return table
+
+
+def run_flow(config: dict) -> str:
+    from flows.model_soup import model_soup
+
+    return model_soup(config=parse_config(config))["run"]
+
+
+def fmt(values: list[float]) -> str:
+    return f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def print_table(tables: list[dict], title: str) -> dict:
+    has_ood = "ood" in tables[0]["best_individual"]
+    print(f"\n{title}\n")
+    print("| method | val | test | test - best (paired SE) [method only / best only right] |"
+          + (" mean OOD | OOD - best (paired SE) |" if has_ood else "") + " ingredients |")
+    print("|---|---|---|---|" + ("---|---|" if has_ood else "") + "---|")
+    summary = {}
+    for kind in METHODS:
+        rows = [t[kind] for t in tables]
+        line = f"| {kind} | {fmt([r['val'] for r in rows])} | {fmt([r['test'] for r in rows])} | "
+        d = [r["test_vs_best"] for r in rows]
+        line += (f"{fmt([x['diff_pp'] for x in d])} ({statistics.mean(x['se_pp'] for x in d):.2f}) "
+                 f"[{sum(x['method_only_right'] for x in d)} / {sum(x['best_only_right'] for x in d)}] |")
+        if has_ood:
+            o = [r["ood_vs_best"] for r in rows]
+            line += f" {fmt([r['ood'] for r in rows])} | {fmt([x['diff_pp'] for x in o])} ({statistics.mean(x['se_pp'] for x in o):.2f}) |"
+        n = [t["greedy_soup"]["n_ingredients"] if kind == "greedy_soup" else (1 if kind == "best_individual" else None) for t in tables]
+        line += f" {fmt(n) if n[0] is not None else tables[0]['all']['n_ingredients']} |"
+        print(line)
+        summary[kind] = rows
+    greedy = [t["greedy_soup"] for t in tables]
+    result = {"runs": tables, "greedy_minus_best_test": statistics.mean(g["test_vs_best"]["diff_pp"] for g in greedy)}
+    if has_ood:
+        result["greedy_minus_best_ood"] = statistics.mean(g["ood_vs_best"]["diff_pp"] for g in greedy)
+    print(f"\ngreedy_minus_best_test = {result['greedy_minus_best_test']:+.2f} pp"
+          + (f", greedy_minus_best_ood = {result['greedy_minus_best_ood']:+.2f} pp" if has_ood else "")
+          + f" (mean over {len(tables)} sweep seed(s)); paired SE in brackets is per run, averaged")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", choices=["digits", "text"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sweep seeds (one run each)")
+    parser.add_argument("--n", type=int, default=None, help="ingredients per run (digits 16, text 8)")
+    parser.add_argument("--root", default=None, help="storage root (default: a temporary folder)")
+    parser.add_argument("--train")
+    parser.add_argument("--test")
+    parser.add_argument("--ood", nargs="*", default=[], metavar="NAME=URL")
+    parser.add_argument("--text-column", default="sentence")
+    parser.add_argument("--max-train", type=int, default=4000)
+    args = parser.parse_args()
+    root = args.root or "file://" + tempfile.mkdtemp(prefix=f"soup-quality-{args.recipe}-")
+    tables = []
+    for seed in args.seeds:
+        if args.recipe == "digits":
+            config = {"experiment": "quality-digits", "storage": {"root": root},
+                      "sweep": {"n": args.n or 16, "seed": seed}}
+        else:
+            if not (args.train and args.test):
+                sys.exit("quality.py text: give --train and --test (e.g. ../shared/data/sst2/train.tsv and dev.tsv)")
+            options = {"train": args.train, "test": args.test, "text_column": args.text_column,
+                       "max_train_examples": args.max_train, "max_length": 64,
+                       "ood": dict(item.split("=", 1) for item in args.ood)}
+            config = {"experiment": "quality-text", "storage": {"root": root},
+                      "recipe": {"name": "text", "options": options},
+                      "sweep": {"n": args.n or 8, "seed": seed}, "soup": {"learned_steps": 50}}
+        tables.append(evaluate_run(run_flow(config)))
+    title = (f"Quality, {args.recipe} recipe, {tables[0]['all']['n_ingredients']} ingredients per run, "
+             f"sweep seeds {args.seeds} (accuracy %, mean ± std over seeds)")
+    result = print_table(tables, title)
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path(f"bench/results/quality_{args.recipe}.json").write_text(json.dumps(
+        {**result, "seeds": args.seeds, "command": " ".join(sys.argv)}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
