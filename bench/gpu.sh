@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmark, for an H100/H200 machine with no network. Two steps:
 #   bench/gpu.sh prepare   here, with network: wheels the device image lacks (.whl/) and the MiniLM
-#                          architecture + tokenizer files (.gpu-bench/), both git-ignored
+#                          architecture + tokenizer files (.gpu-bench/), both in .gitignore
 #   bench/gpu.sh run       on the device machine (carry .whl and .gpu-bench): prints one table
 # It finishes in a few minutes; bench/RESULTS.md holds the latest table with the card it ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   prepare)
-    grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
-    grep -qx '/.gpu-bench/' .git/info/exclude || echo '/.gpu-bench/' >> .git/info/exclude
     rm -rf .whl .gpu-bench && mkdir -p .whl .gpu-bench
     for wheel in pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0; do
       python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
