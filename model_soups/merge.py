@@ -94,7 +94,8 @@ def weighted_average(
                 check_finite(name, tensor, reader.url)
                 term = tensor.to(accumulate) if weight == 1.0 else tensor.to(accumulate) * weight
                 total = term if total is None else total.add_(term)
-            soup[name] = (total / float(sum(key_weights))).to(info.dtype).cpu()
+            # in place: the sum's buffer becomes the soup's tensor, so no second model-sized allocation builds up
+            soup[name] = total.div_(float(sum(key_weights))).to(info.dtype).cpu()
     return soup
 
 
