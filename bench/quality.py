@@ -117,8 +117,10 @@ def print_table(tables: list[dict], title: str) -> dict:
         if has_ood:
             o = [r["ood_vs_best"] for r in rows]
             line += f" {fmt([r['ood'] for r in rows])} | {fmt([x['diff_pp'] for x in o])} ({statistics.mean(x['se_pp'] for x in o):.2f}) |"
-        n = [t["greedy_soup"]["n_ingredients"] if kind == "greedy_soup" else (1 if kind == "best_individual" else None) for t in tables]
-        line += f" {fmt(n) if n[0] is not None else tables[0]['all']['n_ingredients']} |"
+        if kind in ("greedy_soup", "best_individual"):
+            line += f" {fmt([t['greedy_soup']['n_ingredients'] if kind == 'greedy_soup' else 1 for t in tables])} |"
+        else:
+            line += f" {'all ' + str(tables[0]['all']['n_ingredients']) if kind != 'greedy_ensemble' else 'greedy'} |"
         print(line)
         summary[kind] = rows
     greedy = [t["greedy_soup"] for t in tables]

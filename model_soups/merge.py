@@ -54,6 +54,14 @@ def check_finite(name: str, tensor: torch.Tensor, url: str) -> None:
         raise NonFiniteCheckpoint(f"checkpoint {url}: tensor {name!r} holds NaN or Inf; it cannot enter a soup")
 
 
+def name_non_finite(store: Store, ingredients: Sequence[Ingredient], name: str) -> None:
+    """A sum came out NaN/Inf: name the checkpoint that holds it. Only this error path reads tensors again."""
+    for ingredient in ingredients:
+        with store.open_checkpoint(ingredient.url) as reader:
+            check_finite(name, reader.tensor(name), ingredient.url)
+    raise NonFiniteCheckpoint(f"tensor {name!r}: the sum over the ingredients overflowed; set soup.accumulate to float64")
+
+
 def open_all(store: Store, ingredients: Sequence[Ingredient], stack: ExitStack,
              reference: Mapping[str, TensorInfo] | None = None) -> list[CheckpointReader]:
     """Open every checkpoint and check its header against the reference before any tensor is read."""
@@ -83,6 +91,8 @@ def weighted_average(
     soup: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         readers = open_all(store, ingredients, stack, reference)
+        largest = max(info.end - info.begin for info in readers[0].info.values()) if readers[0].info else 0
+        scratch = torch.empty(largest, dtype=torch.uint8)  # every read but the first of a tensor lands here
         for name, info in readers[0].info.items():
             if not info.dtype.is_floating_point:
                 soup[name] = readers[0].tensor(name)
@@ -90,10 +100,11 @@ def weighted_average(
             key_weights = weights[name] if isinstance(weights, Mapping) else weights
             total = None
             for reader, weight in zip(readers, key_weights):
-                tensor = reader.tensor(name).to(device, non_blocking=True)
-                check_finite(name, tensor, reader.url)
+                tensor = reader.tensor(name, scratch if total is not None else None).to(device, non_blocking=True)
                 term = tensor.to(accumulate) if weight == 1.0 else tensor.to(accumulate) * weight
                 total = term if total is None else total.add_(term)
+            if not torch.isfinite(total).all():  # NaN and Inf survive a sum: one check per tensor, not N
+                name_non_finite(store, ingredients, name)
             # in place: the sum's buffer becomes the soup's tensor, so no second model-sized allocation builds up
             soup[name] = total.div_(float(sum(key_weights))).to(info.dtype).cpu()
     return soup
@@ -107,9 +118,9 @@ def add_into(total: dict[str, torch.Tensor], store: Store, ingredient: Ingredien
         out = {}
         for name, value in total.items():
             if value.is_floating_point():
-                tensor = reader.tensor(name)
-                check_finite(name, tensor, reader.url)
-                out[name] = value + tensor.to(value.dtype)
+                out[name] = value + reader.tensor(name).to(value.dtype)
+                if not torch.isfinite(out[name]).all():
+                    name_non_finite(store, [ingredient], name)
             else:
                 out[name] = value
     return out
