@@ -162,11 +162,12 @@ class Store:
         self.write_bytes(url, data)
         return hashlib.sha256(data).hexdigest()
 
-    def open_checkpoint(self, url: str, sha256: str | None = None) -> "CheckpointReader":
-        return CheckpointReader(self, url, sha256)
+    def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> "CheckpointReader":
+        """`sequential`: the whole file will be read front to back, so read ahead in large blocks."""
+        return CheckpointReader(self, url, sha256, sequential)
 
     def load_checkpoint(self, url: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
-        with self.open_checkpoint(url, sha256) as reader:
+        with self.open_checkpoint(url, sha256, sequential=True) as reader:
             return dict(reader.tensors())
 
 
@@ -185,14 +186,15 @@ class CheckpointReader:
     a read out of order falls back to one extra hashing pass at `verify()`.
     """
 
-    def __init__(self, store: Store, url: str, sha256: str | None = None):
+    def __init__(self, store: Store, url: str, sha256: str | None = None, sequential: bool = False):
         self.url, self.expected_sha = url, sha256
         self.store = store
         try:
             self.size = store.fs.size(store.path(url))
-            # no read-ahead cache: it would hold a buffer per open checkpoint, so memory would grow with N
-            self.handle = store.fs.open(store.path(url), "rb", block_size=CHUNK,
-                                        **({} if store.protocol == "file" else {"cache_type": "none"}))
+            # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.
+            # One read front to back gets large blocks.
+            cache = {} if store.protocol == "file" else {"cache_type": "readahead" if sequential else "none"}
+            self.handle = store.fs.open(store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
         self.digest = hashlib.sha256()

@@ -16,6 +16,14 @@ def store(tmp_path) -> Store:
     return Store(StorageConfig(root=f"file://{tmp_path}"))
 
 
+@pytest.fixture(params=["file", "s3"])
+def any_store(request, tmp_path) -> Store:
+    """Local disk, or the S3 endpoint: object stores are merged one checkpoint at a time."""
+    if request.param == "file":
+        return Store(StorageConfig(root=f"file://{tmp_path}"))
+    return Store(StorageConfig(root=f"s3://soup-bucket/merge-{tmp_path.name}", endpoint_url=request.getfixturevalue("s3_endpoint")))
+
+
 def perturbed_states(n: int, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
     """Fine-tune-like states of a model with BatchNorm: floats moved, num_batches_tracked differing."""
     torch.manual_seed(0)
@@ -47,9 +55,9 @@ def float64_mean(states, weights=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_uniform_soup_equals_float64_mean_and_keeps_integer_buffers_of_first(store, dtype):
+def test_uniform_soup_equals_float64_mean_and_keeps_integer_buffers_of_first(any_store, dtype):
     states = perturbed_states(5, dtype)
-    soup = weighted_average(store, save_all(store, states))
+    soup = weighted_average(any_store, save_all(any_store, states))
     reference = float64_mean(states)
     for name, value in soup.items():
         assert value.dtype == states[0][name].dtype, name
@@ -67,21 +75,21 @@ def test_float16_sums_do_not_overflow(store):
     assert torch.equal(soup["w"], states[0]["w"])
 
 
-def test_streamed_merge_equals_in_memory_merge(store):
+def test_streamed_merge_equals_in_memory_merge(any_store):
     states = perturbed_states(4)
     weights = [0.1, 0.2, 0.3, 0.4]
-    streamed = weighted_average(store, save_all(store, states), weights)
-    loaded = [store.load_checkpoint(store.url(f"ing{i}.safetensors")) for i in range(4)]
+    streamed = weighted_average(any_store, save_all(any_store, states), weights)
+    loaded = [any_store.load_checkpoint(any_store.url(f"ing{i}.safetensors")) for i in range(4)]
     in_memory = {k: (sum(w * s[k].float() for w, s in zip(weights, loaded)) / sum(weights)) if loaded[0][k].is_floating_point()
                  else loaded[0][k] for k in loaded[0]}
     for name in in_memory:
         assert torch.allclose(streamed[name].float(), in_memory[name].float(), atol=1e-6), name
 
 
-def test_per_tensor_one_hot_weights_reproduce_an_ingredient(store):
+def test_per_tensor_one_hot_weights_reproduce_an_ingredient(any_store):
     states = perturbed_states(3)
     one_hot = {name: [0.0, 1.0, 0.0] for name in states[0]}
-    soup = weighted_average(store, save_all(store, states), one_hot)
+    soup = weighted_average(any_store, save_all(any_store, states), one_hot)
     for name, value in soup.items():
         if value.is_floating_point():
             assert torch.equal(value, states[1][name]), name
@@ -117,11 +125,11 @@ def test_dtype_mismatch_is_an_error(store):
         weighted_average(store, save_all(store, states))
 
 
-def test_nan_ingredient_is_rejected_with_its_name(store):
+def test_nan_ingredient_is_rejected_with_its_name(any_store):
     states = perturbed_states(3)
     states[2]["head.bias"][0] = float("nan")
     with pytest.raises(NonFiniteCheckpoint, match=r"ing2\.safetensors: tensor 'head\.bias' holds NaN or Inf"):
-        weighted_average(store, save_all(store, states))
+        weighted_average(any_store, save_all(any_store, states))
 
 
 def test_changed_checkpoint_fails_its_sha256(store):
