@@ -116,8 +116,9 @@ def _weighted_average_by_file(store, ingredients, weights, accumulate, reference
     """The same sums, one checkpoint at a time read front to back: an object store serves few large
     sequential reads far better than one ranged request per tensor per checkpoint. Memory is the running
     sum (one model in the accumulation dtype) and one read buffer, whatever N is."""
-    with ExitStack() as stack:  # every header is checked before any tensor is read
-        headers = [reader.info for reader in open_all(store, ingredients, stack, reference)]
+    with ExitStack() as stack:  # every header is checked before any tensor is read (no sha256 yet: no extra read)
+        unverified = [Ingredient(i.id, i.url) for i in ingredients]
+        headers = [reader.info for reader in open_all(store, unverified, stack, reference)]
     total: dict[str, torch.Tensor] = {}
     for i, ingredient in enumerate(ingredients):
         with store.open_checkpoint(ingredient.url, ingredient.sha256, sequential=True) as reader:
