@@ -153,7 +153,7 @@ def train_ingredient(config: RunConfig, pretrained: dict[str, Any], spec: Ingred
             break
         except IngredientBusy:
             if time.time() > deadline:
-                raise TimeoutError(f"ingredient {spec.id}: still being trained elsewhere after {config.execution.timeout_s}s")
+                raise TimeoutError(f"ingredient {spec.id}: still being trained elsewhere after {config.execution.timeout_s}s") from None
             log(f"ingredient {spec.id}: another process is training it; waiting for its result")
             time.sleep(min(5.0, config.execution.lease_s / 3))
     meta = completed_ingredient(store, layout, spec.id, log)
