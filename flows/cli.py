@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config
-from model_soups.storage import CHUNK, StorageError, Store
+from model_soups.storage import StorageError, Store
 
 
 def preflight(config: RunConfig) -> None:
@@ -52,14 +52,9 @@ def inspect_command(url: str) -> int:
             print(f"{name:60s} {str(info.dtype).replace('torch.', ''):9s} {tuple(info.shape)}")
         if reader.metadata:
             print(f"metadata: {reader.metadata}")
-    import hashlib
-
-    digest = hashlib.sha256()
-    with store.fs.open(store.path(url), "rb") as handle, tqdm(total=reader.size, unit="B", unit_scale=True, desc="sha256") as bar:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    print(f"{len(reader.info)} tensors, {reader.size} bytes, sha256 {digest.hexdigest()}")
+    with tqdm(total=reader.size, unit="B", unit_scale=True, desc="sha256") as bar:
+        sha = store.sha256(url, bar.update)
+    print(f"{len(reader.info)} tensors, {reader.size} bytes, sha256 {sha}")
     return 0
 
 

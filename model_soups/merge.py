@@ -105,11 +105,17 @@ def weighted_average(
                 tensor = reader.tensor(name, scratch if total is not None else None).to(device, non_blocking=True)
                 term = tensor.to(accumulate) if weight == 1.0 else tensor.to(accumulate) * weight
                 total = term if total is None else total.add_(term)
-            if not torch.isfinite(total).all():  # NaN and Inf survive a sum: one check per tensor, not N
-                name_non_finite(store, ingredients, name)
-            # in place: the sum's buffer becomes the soup's tensor, so no second model-sized allocation builds up
-            soup[name] = total.div_(float(sum(key_weights))).to(info.dtype).cpu()
+            soup[name] = finish(store, ingredients, name, total, key_weights, info)
     return soup
+
+
+def finish(store: Store, ingredients: Sequence[Ingredient], name: str, total: torch.Tensor,
+           key_weights: Sequence[float], info: TensorInfo) -> torch.Tensor:
+    """A weighted sum becomes the soup's tensor: checked once (NaN and Inf survive a sum, so one check
+    covers all N ingredients) and divided in place, so no second model-sized allocation builds up."""
+    if not torch.isfinite(total).all():
+        name_non_finite(store, ingredients, name)
+    return total.div_(float(sum(key_weights))).to(info.dtype).cpu()
 
 
 def _weighted_average_by_file(store, ingredients, weights, accumulate, reference, device) -> dict[str, torch.Tensor]:
@@ -134,10 +140,7 @@ def _weighted_average_by_file(store, ingredients, weights, accumulate, reference
     for name, info in headers[0].items():
         value = total.pop(name)
         if info.dtype.is_floating_point:
-            if not torch.isfinite(value).all():
-                name_non_finite(store, ingredients, name)
-            key_weights = weights[name] if isinstance(weights, Mapping) else weights
-            value = value.div_(float(sum(key_weights))).to(info.dtype).cpu()
+            value = finish(store, ingredients, name, value, weights[name] if isinstance(weights, Mapping) else weights, info)
         soup[name] = value
     return soup
 

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -125,21 +125,14 @@ class Store:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def list(self, url: str) -> list[str]:
-        path = self.path(url)
-        if not self.fs.exists(path):
-            return []
-        return sorted(self.url_of(p) for p in self.fs.ls(path, detail=False))
-
-    def url_of(self, path: str) -> str:
-        path = path.rstrip("/")
-        return self.root + path[len(self.base):] if path.startswith(self.base) else f"{self.protocol}://{path}"
-
-    def sha256(self, url: str) -> str:
+    def sha256(self, url: str, progress: Callable[[int], Any] | None = None) -> str:
+        """sha256 of an object, read in chunks; `progress` is called with each chunk's size."""
         digest = hashlib.sha256()
         with self.fs.open(self.path(url), "rb") as handle:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         return digest.hexdigest()
 
     def check_writable(self, experiment: str) -> None:
