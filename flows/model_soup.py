@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import RunConfig
 from model_soups.pipeline import device_slots, new_run_id
+from model_soups.storage import StorageUnavailable
 from tasks.pipeline import artifact_key, cook_soup, evaluate, finetune, finetune_on_pool, prepare, publish
 
 # Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
@@ -46,11 +47,15 @@ def run_finetunes(config: RunConfig, pretrained: dict[str, Any], specs: list[dic
         if slot is not None:
             free.append(slot)
         outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, StorageUnavailable):
+            raise outcome  # not the ingredient's fault: stop, and let a re-run resume from what is stored
         if isinstance(outcome, dict) and outcome["status"] == "completed":
             completed.append(outcome)
         else:
-            reason = outcome.get("reason") if isinstance(outcome, dict) else f"{type(outcome).__name__}: {outcome}"
-            status = outcome["status"] if isinstance(outcome, dict) else "failed"
+            if isinstance(outcome, dict):  # diverged: a stored result
+                status, reason = outcome["status"], outcome.get("reason")
+            else:  # an exception after the retries; FinetuneFailed carries a one-line reason
+                status, reason = "failed", getattr(outcome, "reason", f"{type(outcome).__name__}: {outcome}")
             logger.warning(f"ingredient {spec['id']} left out of the soup: {status}: {reason}")
             failed.append({"id": spec["id"], "status": status, "reason": str(reason), "hparams": spec["hparams"]})
         update_progress_artifact(progress, 100.0 * (len(completed) + len(failed)) / len(specs))

@@ -10,6 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# user:password@ in a URL, or a signed or token query parameter (presigned S3 URLs, SAS tokens)
+URL_CREDENTIALS = re.compile(r"://[^/@\s]+:[^/@\s]*@|[?&](X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential|sig|token|"
+                             r"access_token|api_key)=", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -30,6 +33,9 @@ class StorageConfig(Strict):
     )
     key: SecretStr | None = Field(None, description="access key id; better: AWS_ACCESS_KEY_ID")
     secret: SecretStr | None = Field(None, description="secret key; better: AWS_SECRET_ACCESS_KEY")
+    retries: int = Field(
+        3, ge=0, le=8, description="retries of a storage call whose endpoint does not answer, backing off 1, 2, 4... s"
+    )
 
     @field_validator("root")
     @classmethod
@@ -39,8 +45,6 @@ class StorageConfig(Strict):
         protocol = root.split("://", 1)[0]
         if protocol not in ("file", "s3", "memory"):
             raise ValueError(f"storage root {root!r}: protocol {protocol!r} is not one of file, s3, memory")
-        if re.search(r"[^@/:]+:[^@/]+@", root):
-            raise ValueError("storage root must not carry credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         return root
 
     def revealed(self) -> dict[str, Any]:
@@ -58,9 +62,17 @@ class RecipeConfig(Strict):
 
 
 class Range(Strict):
-    low: float
-    high: float
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
     log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
 
 
 class SearchSpace(Strict):
@@ -122,6 +134,16 @@ class RunConfig(Strict):
     soup: SoupOptions = Field(default_factory=SoupOptions)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_urls(cls, data: Any) -> Any:
+        """A URL with a password or a token would end up in parameters, logs and the manifest: refuse it."""
+        for path, value in _strings(data):
+            if URL_CREDENTIALS.search(value):
+                raise ValueError(f"{path or 'config'} must not carry credentials (a password or token in a URL); "
+                                 "give them to the workers as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
+        return data
+
     @model_validator(mode="after")
     def _credentials_stay_on_this_machine(self) -> "RunConfig":
         if self.execution.fanout == "work-pool" and (self.storage.key or self.storage.secret):
@@ -130,10 +152,20 @@ class RunConfig(Strict):
         return self
 
 
+def _strings(value: Any, path: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _strings(item, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [found for i, item in enumerate(value) for found in _strings(item, f"{path}[{i}]")]
+    return []
+
+
 def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
+        field = ".".join(_shown(part) for part in item["loc"]) or "config"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown field"
@@ -144,6 +176,11 @@ def describe_validation_error(error: ValidationError) -> str:
             message = f"{message} (got {item.get('input')!r})"
         lines.append(f"{field}: {message}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _shown(part: Any) -> str:
+    """A field name as typed, or quoted when it is empty or holds anything unusual (a newline, a dot, a colon)."""
+    return str(part) if re.fullmatch(r"[\w-]+", str(part)) else repr(part)
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,9 +28,10 @@ from model_soups.config import ConfigError, RunConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient
 from model_soups.recipes import Recipe, get_recipe, stable_hash
-from model_soups.storage import CorruptCheckpoint, Layout, Lease, Store, StorageError, load_npz, npz_bytes
+from model_soups.storage import (CorruptCheckpoint, Layout, Lease, Store, StorageError, StorageUnavailable, load_npz,
+                                 npz_bytes)
 from model_soups.sweep import IngredientSpec, expand
-from model_soups.train import BUSY_EXIT_CODE, versions
+from model_soups.train import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, versions
 
 Log = Callable[[str], None]
 KINDS = {"uniform": "uniform_soup", "greedy": "greedy_soup", "learned": "learned_soup"}
@@ -80,7 +83,7 @@ def this_process_slot() -> dict[str, str]:
 
 def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: float, lease_s: float) -> bool:
     """True when a fine-tune that should be running has no live lease: its process or machine died."""
-    if running_for_s < lease_s or store.exists(layout.meta(ingredient_id)):
+    if running_for_s < lease_s or finished(store, layout, ingredient_id):
         return False
     lease = Lease(store, layout.lease(ingredient_id), lease_s)
     record = lease.holder()
@@ -110,6 +113,16 @@ def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> dic
 
 
 # -- ingredients -------------------------------------------------------------------------------------
+def finished(store: Store, layout: Layout, ingredient_id: str) -> bool:
+    """A result is stored (completed or diverged); a failed attempt is not a result."""
+    try:
+        return store.read_json(layout.meta(ingredient_id)).get("status") != "failed"
+    except StorageUnavailable:
+        raise
+    except StorageError:
+        return False
+
+
 def completed_ingredient(store: Store, layout: Layout, ingredient_id: str, log: Log) -> dict[str, Any] | None:
     """The stored result of an ingredient if it is finished and its checkpoint verifies; else None."""
     meta_url = layout.meta(ingredient_id)
@@ -117,11 +130,16 @@ def completed_ingredient(store: Store, layout: Layout, ingredient_id: str, log: 
         return None
     try:
         meta = store.read_json(meta_url)
+        if meta["status"] == "failed":  # a crash, hang or out-of-memory may not happen again: try again
+            log(f"ingredient {ingredient_id}: an earlier attempt failed ({meta['reason']}); training it again")
+            return None
         if meta["status"] != "completed":
             return meta  # diverged is a result too: the same seed would diverge again
         with store.open_checkpoint(meta["checkpoint"], meta["sha256"]) as reader:
             reader.verify()
         return meta
+    except StorageUnavailable:
+        raise
     except (StorageError, KeyError) as error:
         log(f"ingredient {ingredient_id}: stored result is unusable ({error}); training it again")
         store.delete(meta_url)
@@ -137,6 +155,17 @@ def finetune_job(config: RunConfig, pretrained: dict[str, Any], spec: Ingredient
 
 class IngredientBusy(RuntimeError):
     """Another process holds the ingredient's lease."""
+
+
+class FinetuneFailed(RuntimeError):
+    """A fine-tune process crashed, hung past its timeout or ran out of memory; `reason` says which, in one line."""
+
+    def __init__(self, ingredient_id: str, reason: str, output: str = ""):
+        super().__init__(f"ingredient {ingredient_id}: {reason}" + (f"\n{output}" if output else ""))
+        self.reason = reason
+
+
+OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|not enough memory|MemoryError")
 
 
 def train_ingredient(config: RunConfig, pretrained: dict[str, Any], spec: IngredientSpec, slot: dict[str, str],
@@ -156,6 +185,12 @@ def train_ingredient(config: RunConfig, pretrained: dict[str, Any], spec: Ingred
                 raise TimeoutError(f"ingredient {spec.id}: still being trained elsewhere after {config.execution.timeout_s}s") from None
             log(f"ingredient {spec.id}: another process is training it; waiting for its result")
             time.sleep(min(5.0, config.execution.lease_s / 3))
+        except FinetuneFailed as failure:
+            meta = completed_ingredient(store, layout, spec.id, log)  # it may have stored its result before dying
+            if meta is not None:
+                return {**meta, "reused": False}
+            record_failure(store, layout, spec, failure.reason, slot["name"], log)
+            raise
     meta = completed_ingredient(store, layout, spec.id, log)
     if meta is None:
         raise RuntimeError(f"ingredient {spec.id}: the fine-tune process ended without a verified result")
@@ -181,12 +216,34 @@ def run_finetune_process(job: dict[str, Any], slot: dict[str, str], timeout_s: f
         code = process.wait()
     finally:
         timer.cancel()
+    output = "\n".join(tail)
+    last = next((line for line in reversed(tail) if line.strip()), "no output")
     if killed.is_set():
-        raise TimeoutError(f"ingredient {job['id']}: fine-tune exceeded {timeout_s}s on {slot['name']} and was killed")
+        reason = f"hung: still running after execution.timeout_s={timeout_s:g}s on {slot['name']}, killed"
+        raise FinetuneFailed(job["id"], reason, output)
     if code == BUSY_EXIT_CODE:
         raise IngredientBusy(job["id"])
+    if code == STORAGE_EXIT_CODE:
+        raise StorageUnavailable(last)
+    if code < 0:
+        name = signal.Signals(-code).name
+        cause = " (the kernel's out-of-memory killer, or someone stopped it)" if -code == signal.SIGKILL else ""
+        raise FinetuneFailed(job["id"], f"crashed: killed by {name}{cause} on {slot['name']}", output)
     if code != 0:
-        raise RuntimeError(f"ingredient {job['id']}: fine-tune process exited with {code} on {slot['name']}:\n" + "\n".join(tail))
+        kind = "out of memory" if OUT_OF_MEMORY.search(output) else f"crashed: exit code {code}"
+        raise FinetuneFailed(job["id"], f"{kind} on {slot['name']}: {last}", output)
+
+
+def record_failure(store: Store, layout: Layout, spec: IngredientSpec, reason: str, slot: str, log: Log) -> None:
+    """meta.json says why the last attempt failed and how many have; the next attempt or run tries again."""
+    url = layout.meta(spec.id)
+    try:
+        previous = store.read_json(url) if store.exists(url) else {}
+        failures = previous.get("failures", 0) + 1 if previous.get("status") == "failed" else 1
+        store.write_json(url, {"id": spec.id, "status": "failed", "reason": reason, "failures": failures, "slot": slot,
+                               "hparams": spec.hparams, "failed_at": datetime.now(timezone.utc).isoformat()})
+    except StorageError as error:
+        log(f"ingredient {spec.id}: could not record its failure ({error})")
 
 
 def register_checkpoint(store: Store, layout: Layout, spec: IngredientSpec, pretrained: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +403,7 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], metas
 
     final = next(r for r in soup_records if r["method"] == config.soup.final)
     soup_url = layout.run(run_id, "soup.safetensors")
-    store.fs.copy(store.path(final["checkpoint"]), store.path(soup_url))
+    store.copy(final["checkpoint"], soup_url)
     files = {name: store.sha256(layout.run(run_id, name)) for name in ("soup.safetensors", "results.csv", "results.parquet", "cosine.json")}
     greedy = next((r for r in soup_records if r["method"] == "greedy"), None)
     manifest = {

@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterator
 import fsspec
 import numpy as np
 import torch
+from aiohttp import ClientError as HttpClientError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
+from botocore.exceptions import HTTPClientError
 from safetensors.torch import save as safetensors_bytes
 
 from model_soups.config import StorageConfig
@@ -40,6 +43,14 @@ class StorageError(RuntimeError):
 
 class CorruptCheckpoint(StorageError):
     """A checkpoint is truncated, malformed or does not match its recorded sha256."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage endpoint could not be reached, even after bounded retries with backoff."""
+
+
+# Errors that mean "the endpoint is not answering right now", as opposed to a missing or bad object.
+TRANSIENT = (EndpointUnreachable, HTTPClientError, HttpClientError, ConnectionError, TimeoutError)
 
 
 class Store:
@@ -75,17 +86,39 @@ class Store:
             raise StorageError(f"{url}: not under the storage root {self.root}")
         return rest if self.protocol != "file" else self.fs._strip_protocol(url)
 
+    def unavailable(self, action: str, url: str, error: BaseException, attempts: int = 1,
+                    seconds: float = 0.0) -> StorageUnavailable:
+        where = f"{self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''}"
+        tries = f" {attempts} times over {seconds:.0f}s" if attempts > 1 else ""
+        return StorageUnavailable(
+            f"storage {where} is unreachable: {action} {url} failed{tries} ({type(error).__name__}: {error}). "
+            "Nothing stored is lost: run again once it is back, and finished work is reused."
+        )
+
+    def retrying(self, action: str, url: str, operation: Callable[[], Any], attempts: int | None = None) -> Any:
+        """Run one storage operation; on a transient endpoint error retry with backoff (1, 2, 4... s), then give up."""
+        attempts = attempts or 1 + self.config.retries
+        started = time.time()
+        for attempt in range(1, attempts + 1):
+            try:
+                return operation()
+            except TRANSIENT as error:
+                if attempt == attempts:
+                    raise self.unavailable(action, url, error, attempts, time.time() - started) from None
+                time.sleep(2.0 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
     # -- plain objects -------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
-        return self.fs.exists(self.path(url))
+        return self.retrying("checking", url, lambda: self.fs.exists(self.path(url)))
 
     def read_bytes(self, url: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(url))
+            return self.retrying("reading", url, lambda: self.fs.cat_file(self.path(url)))
         except FileNotFoundError:
             raise StorageError(f"{url}: not found") from None
 
-    def write_bytes(self, url: str, data: bytes) -> None:
+    def write_bytes(self, url: str, data: bytes, attempts: int | None = None) -> None:
         """Write all or nothing: a reader never sees a half-written object."""
         path = self.path(url)
         if self.protocol == "file":
@@ -95,7 +128,7 @@ class Store:
                 handle.write(data)
             os.replace(partial, path)
         else:  # an S3 PUT is atomic: the object appears whole or not at all
-            self.fs.pipe_file(path, data)
+            self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), attempts)
 
     def create_exclusive(self, url: str, data: bytes) -> bool:
         """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
@@ -106,7 +139,7 @@ class Store:
                 with open(path, "xb") as handle:
                     handle.write(data)
             else:
-                self.fs.pipe_file(path, data, mode="create")
+                self.retrying("creating", url, lambda: self.fs.pipe_file(path, data, mode="create"))
         except FileExistsError:
             return False
         return True
@@ -122,24 +155,31 @@ class Store:
 
     def delete(self, url: str) -> None:
         path = self.path(url)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        if self.exists(url):
+            self.retrying("deleting", url, lambda: self.fs.rm(path, recursive=True))
+
+    def copy(self, source: str, target: str) -> None:
+        self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
 
     def sha256(self, url: str, progress: Callable[[int], Any] | None = None) -> str:
         """sha256 of an object, read in chunks; `progress` is called with each chunk's size."""
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(url), "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-        return digest.hexdigest()
+
+        def read() -> str:
+            digest = hashlib.sha256()
+            with self.fs.open(self.path(url), "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            return digest.hexdigest()
+
+        return self.retrying("reading", url, read)
 
     def check_writable(self, experiment: str) -> None:
         """Fail in seconds, before any training, if the root cannot be written."""
         probe = self.url(experiment, f".probe-{uuid.uuid4().hex}")
         try:
-            self.write_bytes(probe, b"ok")
+            self.write_bytes(probe, b"ok", attempts=1)  # no retries: a preflight answers in seconds
             self.delete(probe)
         except Exception as error:  # noqa: BLE001 - any failure here means the root is unusable
             raise StorageError(
@@ -182,12 +222,13 @@ class CheckpointReader:
     def __init__(self, store: Store, url: str, sha256: str | None = None, sequential: bool = False):
         self.url, self.expected_sha = url, sha256
         self.store = store
+        # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.
+        # One read front to back gets large blocks.
+        cache = {} if store.protocol == "file" else {"cache_type": "readahead" if sequential else "none"}
         try:
-            self.size = store.fs.size(store.path(url))
-            # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.
-            # One read front to back gets large blocks.
-            cache = {} if store.protocol == "file" else {"cache_type": "readahead" if sequential else "none"}
-            self.handle = store.fs.open(store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache)
+            self.size = store.retrying("opening", url, lambda: store.fs.size(store.path(url)))
+            self.handle = store.retrying("opening", url, lambda: store.fs.open(
+                store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache))
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
         self.digest = hashlib.sha256()
@@ -226,7 +267,10 @@ class CheckpointReader:
         return dict(sorted(info.items(), key=lambda item: item[1].begin))
 
     def _read_hashed(self, n: int) -> bytes:
-        data = self.handle.read(n)
+        try:
+            data = self.handle.read(n)
+        except TRANSIENT as error:  # mid-file: no retry here; the step that reads it is retried as a whole
+            raise self.store.unavailable("reading", self.url, error) from None
         if self.expected_sha is not None:  # hashing costs ~1.7 GB/s per core: only when there is a sum to check
             self.digest.update(data)
         return data
@@ -250,7 +294,10 @@ class CheckpointReader:
         view = memoryview(raw.numpy())
         filled = 0
         while filled < len(view):
-            n = self.handle.readinto(view[filled:])
+            try:
+                n = self.handle.readinto(view[filled:])
+            except TRANSIENT as error:
+                raise self.store.unavailable("reading", self.url, error) from None
             if not n:
                 raise CorruptCheckpoint(f"checkpoint {self.url}: truncated inside tensor {name!r}")
             filled += n

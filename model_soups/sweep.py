@@ -77,8 +77,6 @@ def _draw(values: list[Any] | Range, rng: random.Random) -> Any:
     if isinstance(values, list):
         return rng.choice(values)
     if values.log:
-        if values.low <= 0:
-            raise ConfigError(f"a log range needs low > 0, got {values.low}")
         value = math.exp(rng.uniform(math.log(values.low), math.log(values.high)))
     else:
         value = rng.uniform(values.low, values.high)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model_soups.config import StorageConfig
 from model_soups.recipes import Hyperparameters, Recipe, get_recipe, logits_of
-from model_soups.storage import Layout, Lease, Store
+from model_soups.storage import Layout, Lease, Store, StorageUnavailable
 
 
 @dataclass
@@ -100,6 +100,7 @@ def versions() -> dict[str, str]:
 
 
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease
+STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
 
 
 def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any] | None:
@@ -142,7 +143,12 @@ def _train_and_store(job: dict[str, Any], store: Store, layout: Layout, log: Cal
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     job = json.loads(sys.stdin.read())
-    if run_job(job, log=lambda line: print(line, flush=True)) is None:
+    try:
+        result = run_job(job, log=lambda line: print(line, flush=True))
+    except StorageUnavailable as error:
+        print(error, flush=True)
+        sys.exit(STORAGE_EXIT_CODE)
+    if result is None:
         sys.exit(BUSY_EXIT_CODE)
 
 

@@ -22,9 +22,15 @@ from prefect.states import Crashed
 from model_soups import pipeline, report
 from model_soups.config import RunConfig
 from model_soups.recipes import get_recipe
+from model_soups.storage import StorageUnavailable
 from model_soups.sweep import IngredientSpec
 
 QUIET = {"cache_policy": NONE, "persist_result": False}
+
+
+def unless_storage_is_down(task, task_run, state) -> bool:
+    """Retry a failed fine-tune, except when storage did not answer: it has had its own retries with backoff."""
+    return not isinstance(state.data, StorageUnavailable)
 
 
 def artifact_key(config: RunConfig, name: str) -> str:
@@ -43,7 +49,8 @@ def prepare(config: RunConfig) -> dict[str, Any]:
     return {"pretrained": pretrained, "specs": [asdict(s) for s in plan.specs], "splits": plan.splits}
 
 
-@task(name="finetune", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2, **QUIET)
+@task(name="finetune", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2, retry_condition_fn=unless_storage_is_down,
+      **QUIET)
 def finetune(config: RunConfig, pretrained: dict[str, Any], spec: dict[str, Any], slot: dict[str, str]) -> dict[str, Any]:
     """One ingredient in its own process on one device slot; a verified stored result is reused."""
     log = get_run_logger().info
@@ -87,7 +94,8 @@ def publish(config: RunConfig, pretrained: dict[str, Any], metas: list[dict[str,
     return paths
 
 
-@task(name="finetune-on-pool", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2, **QUIET)
+@task(name="finetune-on-pool", task_run_name="finetune-{spec[id]}", retry_delay_seconds=2,
+      retry_condition_fn=unless_storage_is_down, **QUIET)
 def finetune_on_pool(config: RunConfig, pretrained: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """One ingredient as a run of the finetune deployment on the GPU pool; its result is read from storage.
 

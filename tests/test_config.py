@@ -43,9 +43,17 @@ def test_experiment_name_cannot_escape_the_storage_root(name):
         parse_config({"experiment": name})
 
 
-def test_storage_root_with_credentials_is_refused():
-    with pytest.raises(ConfigError, match="must not carry credentials"):
-        parse_config({"storage": {"root": "s3://AKIA:secret@bucket/x"}})
+@pytest.mark.parametrize("data, field", [
+    ({"storage": {"root": "s3://AKIA:hunter2@bucket/x"}}, "storage.root"),
+    ({"storage": {"endpoint_url": "http://minio:hunter2@127.0.0.1:9000"}}, "storage.endpoint_url"),
+    ({"sweep": {"checkpoints": ["https://host/ckpt.safetensors?X-Amz-Signature=abc&X-Amz-Credential=AKIA"]}},
+     r"sweep.checkpoints\[0\]"),
+    ({"recipe": {"name": "text", "options": {"train": "https://x/train.csv?token=hunter2"}}}, "recipe.options.train"),
+])
+def test_credentials_in_any_url_are_refused_without_echoing_them(data, field):
+    with pytest.raises(ConfigError, match=f"{field} must not carry credentials") as refused:
+        parse_config(data)
+    assert "hunter2" not in str(refused.value) and "abc" not in str(refused.value)
 
 
 def test_unknown_recipe_lists_the_registered_ones():
@@ -117,15 +125,13 @@ def test_text_recipe_with_unloadable_model_says_what_to_pass(tmp_path):
 
 
 def test_unreachable_s3_endpoint_fails_fast_naming_the_root(monkeypatch):
-    import time
-
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     store = Store(StorageConfig(root="s3://bucket/prefix", endpoint_url="http://127.0.0.1:9"))
-    started = time.time()
-    with pytest.raises(StorageError, match=r"storage root s3://bucket/prefix \(endpoint http://127.0.0.1:9\) is not writable: \w*(Connect|Endpoint)\w*Error"):
+    with pytest.raises(StorageError, match=r"storage root s3://bucket/prefix \(endpoint http://127.0.0.1:9\) is not writable: "
+                       r"StorageUnavailable: .* failed \(EndpointConnectionError") as refused:
         store.check_writable("exp")
-    assert time.time() - started < 60
+    assert "times over" not in str(refused.value)  # the preflight does not retry: it answers in seconds
 
 
 def test_unwritable_local_root_is_refused(tmp_path):

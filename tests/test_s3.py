@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
+import pytest
 import s3fs
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from flows.model_soup import model_soup
 from model_soups.config import parse_config
+from model_soups.storage import StorageUnavailable
 from tests.conftest import small_digits
 
 
-def test_flow_runs_with_storage_on_s3(prefect_server, s3_endpoint):
+SECRETS = ["config-key-AKIA7EXAMPLE", "config-secret-wJalrXUtnFEMI", "testing-key", "testing-secret"]
+
+
+def test_flow_runs_with_storage_on_s3_and_no_credential_leaks(prefect_server, s3_endpoint):
     config = parse_config({**small_digits("s3://soup-bucket/soups", experiment="s3", n=3),
-                           "storage": {"root": "s3://soup-bucket/soups", "endpoint_url": s3_endpoint}})
-    paths = model_soup(config=config)
+                           "storage": {"root": "s3://soup-bucket/soups", "endpoint_url": s3_endpoint,
+                                       "key": SECRETS[0], "secret": SECRETS[1]}})
+    state = model_soup(config=config, return_state=True)
+    paths = state.result()
     assert paths["run"].startswith("s3://soup-bucket/soups/s3/runs/")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     run = paths["run"].removeprefix("s3://")
@@ -23,5 +34,86 @@ def test_flow_runs_with_storage_on_s3(prefect_server, s3_endpoint):
     manifest = json.loads(fs.cat(f"{run}/manifest.json"))
     assert all(i["checkpoint"].startswith("s3://soup-bucket/soups/s3/ingredients/") for i in manifest["ingredients"])
     assert len(fs.ls("soup-bucket/soups/s3/ingredients")) == 3
-    text = fs.cat(f"{run}/manifest.json").decode() + fs.cat(f"{run}/report.md").decode()
-    assert "testing-secret" not in text and "testing-key" not in text
+
+    # Every stored object (manifest, reports, meta.json, records, results), and everything Prefect keeps:
+    # logs, the flow run's parameters, task runs and artifacts.
+    scanned = {path: fs.cat(path) for path in fs.find("soup-bucket/soups/s3")}
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        scanned["parameters"] = json.dumps(client.read_flow_run(flow_run_id).parameters).encode()
+        logs, offset = [], 0
+        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset):
+            logs += batch
+            offset += len(batch)
+        scanned["logs"] = "\n".join(log.message for log in logs).encode()
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
+        scanned["task runs"] = "\n".join(r.model_dump_json() for r in runs).encode()
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        scanned["artifacts"] = "\n".join(a.model_dump_json() for a in artifacts).encode()
+    assert len(logs) > 20 and len(runs) > 20 and len(artifacts) >= 4
+    assert b"greedy soup" in scanned["logs"] and b"s3://soup-bucket" in scanned["parameters"]
+    leaks = [(where, secret) for where, data in scanned.items() for secret in SECRETS if secret.encode() in data]
+    assert not leaks
+
+
+@pytest.fixture
+def flaky_endpoint():
+    """A moto server of its own, which the test stops and starts again on the same port (its data survive)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("flaky-bucket")
+    servers = [server]
+
+    def restart() -> None:
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port))
+        servers[-1].start()
+
+    yield endpoint, server, restart
+    servers[-1].stop()
+
+
+def completed_metas(fs: s3fs.S3FileSystem, prefix: str) -> dict[str, dict]:
+    fs.invalidate_cache()
+    metas = {}
+    for path in fs.glob(f"{prefix}/ingredients/*/meta.json"):
+        meta = json.loads(fs.cat(path))
+        if meta["status"] == "completed":
+            metas[meta["id"]] = {**meta, "modified": fs.info(path)["LastModified"]}
+    return metas
+
+
+def test_s3_down_mid_run_fails_after_bounded_retries_and_a_rerun_resumes(prefect_server, s3_endpoint, flaky_endpoint):
+    endpoint, server, restart = flaky_endpoint
+    root, prefix = "s3://flaky-bucket/soups", "flaky-bucket/soups/outage"
+    data = small_digits(root, experiment="outage", n=6)
+    data["storage"] = {"root": root, "endpoint_url": endpoint, "retries": 2}
+    config = parse_config(data)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    before_outage: dict[str, dict] = {}
+
+    def stop_after_two_ingredients() -> None:
+        while len(before_outage) < 2:
+            time.sleep(0.5)
+            before_outage.update(completed_metas(fs, prefix))
+        server.stop()
+
+    watcher = threading.Thread(target=stop_after_two_ingredients, daemon=True)
+    watcher.start()
+    with pytest.raises(StorageUnavailable, match=rf"storage s3://flaky-bucket/soups \(endpoint {endpoint}\) is unreachable: "
+                       r".* failed 3 times over \d+s .*EndpointConnectionError.*Nothing stored is lost"):
+        model_soup(config=config)
+    watcher.join()
+    assert 2 <= len(before_outage) < 6
+
+    restart()
+    paths = model_soup(config=config)
+    after = completed_metas(fs, prefix)
+    assert len(after) == 6
+    for ingredient_id, meta in before_outage.items():  # finished before the outage: verified and reused, not redone
+        assert after[ingredient_id]["modified"] == meta["modified"] and after[ingredient_id]["sha256"] == meta["sha256"]
+    manifest = json.loads(fs.cat(f"{paths['run'].removeprefix('s3://')}/manifest.json"))
+    assert len(manifest["ingredients"]) == 6 and not manifest["failed"]

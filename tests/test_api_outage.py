@@ -1,0 +1,126 @@
+"""The Prefect API goes away for a moment in the middle of a run: the run carries on, and nothing stored is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from model_soups.config import StorageConfig
+from model_soups.storage import Store
+from tests.conftest import small_digits
+
+REPO = Path(__file__).resolve().parents[1]
+OUTAGE_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class PrefectServer:
+    """`prefect server start` as a process of its own, stopped and started again on the same port and database."""
+
+    def __init__(self, home: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        self.env.pop("PREFECT_API_URL", None)
+        self.log = open(home / "server.log", "ab")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.process.returncode}; see {self.log.name}")
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server did not answer on {self.url} within 90 s; see {self.log.name}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group, a second one, then SIGKILL: only what this test started."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = PrefectServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def run_flow(config_file: Path, server: PrefectServer) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config_file)], cwd=REPO,
+                            env={**os.environ, "PREFECT_API_URL": server.url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def completed_metas(root: Path) -> dict[str, Path]:
+    metas = {}
+    for path in (root / "api" / "ingredients").glob("*/meta.json"):
+        if json.loads(path.read_text())["status"] == "completed":
+            metas[path.parent.name] = path
+    return metas
+
+
+def test_run_survives_the_prefect_api_going_away_and_loses_nothing(server, tmp_path):
+    root = tmp_path / "storage"
+    data = small_digits(f"file://{root}", experiment="api", n=6, max_steps=[120])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+
+    flow = run_flow(config_file, server)
+    deadline = time.time() + 240
+    while not completed_metas(root) and flow.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert flow.poll() is None, flow.stdout.read()
+    server.stop()  # the API is gone while fine-tunes are running
+    time.sleep(OUTAGE_S)
+    server.start()
+    output, _ = flow.communicate(timeout=400)
+    assert flow.returncode == 0, output  # Prefect's client retried while the API was away
+    assert "run folder: file://" in output
+
+    store = Store(StorageConfig(root=f"file://{root}"))
+    stored = completed_metas(root)
+    assert len(stored) == 6
+    for path in stored.values():  # every stored checkpoint is whole and matches its recorded sha256
+        meta = json.loads(path.read_text())
+        assert store.sha256(meta["checkpoint"]) == meta["sha256"]
+    runs = httpx.post(f"{server.url}/flow_runs/filter", json={}, timeout=10).json()
+    (soup_run,) = [r for r in runs if r["name"] and not r["name"].startswith("finetune")]
+    assert soup_run["state_type"] == "COMPLETED"
+
+    before = {name: path.stat().st_mtime_ns for name, path in stored.items()}
+    again = run_flow(config_file, server)
+    output, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, output
+    assert {name: path.stat().st_mtime_ns for name, path in completed_metas(root).items()} == before  # all reused

@@ -1,0 +1,74 @@
+"""Real faults in fine-tune processes: each is retried as configured, then left out with its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.model_soup import model_soup
+from model_soups.config import parse_config
+from model_soups.pipeline import completed_ingredient, finished, open_storage
+from tests.conftest import small_digits
+
+FAULTS = {2: "crash", 3: "hang", 4: "oom", 5: "nan", 6: "crash-once"}
+REASONS = {"crash": "crashed: killed by SIGKILL", "hang": "hung: still running after execution.timeout_s=25s",
+           "oom": "out of memory", "nan": "loss became nan"}
+
+
+@pytest.fixture(scope="module")
+def faulty_run(prefect_server, tmp_path_factory):
+    root, markers = tmp_path_factory.mktemp("fault-storage"), tmp_path_factory.mktemp("fault-markers")
+    data = small_digits(f"file://{root}", experiment="faults", seed=list(range(7)))
+    data["recipe"] = {"name": "tests.faulty_recipe:FaultyDigits",
+                      "options": {**data["recipe"]["options"], "faults": FAULTS, "marker_dir": str(markers)}}
+    data["sweep"]["strategy"] = "grid"
+    data["execution"].update(retries=1, timeout_s=25, min_ingredients=3)
+    config = parse_config(data)
+    paths = model_soup(config=config)  # returns only if the flow run ends Completed
+    metas = {}
+    for meta_file in (root / "faults" / "ingredients").glob("*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        metas[meta["hparams"]["seed"]] = meta
+    return config, paths, metas, markers
+
+
+def run_file(paths: dict, name: str) -> Path:
+    return Path(paths["run"].removeprefix("file://")) / name
+
+
+def test_the_soup_is_made_from_the_ingredients_that_survived(faulty_run):
+    _, paths, metas, markers = faulty_run
+    manifest = json.loads(run_file(paths, "manifest.json").read_text())
+    survivors = {i["id"] for i in manifest["ingredients"]}
+    assert survivors == {metas[seed]["id"] for seed in (0, 1, 6)}
+    assert set(manifest["soups"]["greedy"]["ingredients"]) <= survivors
+    assert (markers / "crashed-6").exists()  # seed 6 crashed once and was retried successfully
+    assert metas[6]["status"] == "completed"
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_each_fault_is_left_out_with_its_reason_in_meta_manifest_and_report(faulty_run, seed):
+    config, paths, metas, _ = faulty_run
+    fault, meta = FAULTS[seed], metas[seed]
+    assert REASONS[fault] in meta["reason"]
+    if fault == "nan":
+        assert meta["status"] == "diverged"  # a result, not retried: the same seed diverges again
+    else:
+        assert meta["status"] == "failed" and meta["failures"] == config.execution.retries + 1
+    manifest = json.loads(run_file(paths, "manifest.json").read_text())
+    (failed,) = [f for f in manifest["failed"] if f["id"] == meta["id"]]
+    assert REASONS[fault] in failed["reason"]
+    report = run_file(paths, "report.md").read_text()
+    assert meta["id"] in report and REASONS[fault] in report
+
+
+def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_path):
+    config, _, metas, _ = faulty_run
+    store, layout = open_storage(config)
+    logged = []
+    assert completed_ingredient(store, layout, metas[2]["id"], logged.append) is None
+    assert "an earlier attempt failed (crashed: killed by SIGKILL" in logged[0]
+    assert not finished(store, layout, metas[2]["id"])
+    assert finished(store, layout, metas[5]["id"])  # diverged is final
