@@ -26,11 +26,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# the bench extra adds mergekit, for bench/merge.py's comparison column
+$(VENV)/.bench-stamp: $(STAMP)
+	$(PY) -m pip install -q -e '.[text,test,bench]' torch==2.13.0
+	touch $@
+
+bench: $(VENV)/.bench-stamp
 	$(PY) bench/merge.py --growth
 	$(PY) bench/merge.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/quality.py digits
+	$(PY) bench/load.py
 
 # A Prefect server, an S3 endpoint and workers on 127.0.0.1; then: source .stack/env && prefect deploy --all
 stack: $(STAMP)

@@ -5,6 +5,9 @@ Methods, each in a fresh process on the same inputs, outputs checked equal to th
   load-all        load every state dict, then average (what most code does)
   running-average the official repository's loop, reimplemented: soup * n/(n+1) + new/(n+1)
   raw-read        read the same bytes through fsspec in 4 MiB chunks: the floor
+  mergekit        `mergekit-pytorch` with `merge_method: linear` on the raw safetensors (local disk only; it
+                  reads no S3), timed as the merge alone (after its imports) and as the whole command;
+                  needs the bench extra: pip install -e '.[bench]' (make bench does it)
 
 Peak private memory is the child's RssAnon, sampled by the parent (RSS would count the page cache of
 memory-mapped safetensors). Local figures are with a warm page cache (each method reads the files once
@@ -17,15 +20,19 @@ before it is timed); S3 figures go over HTTP to a moto server on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from model_soups.config import StorageConfig
 from model_soups.storage import Store
@@ -38,6 +45,9 @@ from model_soups.merge import Ingredient, weighted_average
 from model_soups.storage import CHUNK, Store
 method, root, endpoint, out, urls = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4], sys.argv[5:]
 store = Store(StorageConfig(root=root, endpoint_url=endpoint))
+if method == "mergekit":
+    import os, shutil
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch  # imports are not timed
 def read(url):
     return store.read_bytes(url)
 def average(states):
@@ -45,6 +55,9 @@ def average(states):
             else states[0][k] for k in states[0]}
 print("ready", flush=True); sys.stdin.readline()
 started = time.time()
+if method == "mergekit":
+    mergekit_pytorch.main([out + ".yaml", out + ".d"], standalone_mode=False)
+    soup = None
 if method == "streamed":
     soup = weighted_average(store, [Ingredient(str(i), u) for i, u in enumerate(urls)])
 elif method == "load-all":
@@ -55,13 +68,16 @@ elif method == "running-average":
         new = load(read(url))
         soup = new if soup is None else {k: soup[k] * (n / (n + 1)) + new[k] / (n + 1) if new[k].is_floating_point()
                                           else soup[k] for k in new}
-else:  # raw-read
+elif method == "raw-read":
     soup = None
     for url in urls:
         with store.fs.open(store.path(url), "rb", block_size=CHUNK) as handle:
             while handle.read(CHUNK):
                 pass
 seconds = time.time() - started
+if method == "mergekit":
+    os.replace(out + ".d/model.safetensors", out)
+    shutil.rmtree(out + ".d")
 if soup is not None and out != "-":
     save_file({k: v.contiguous() for k, v in soup.items()}, out)
 print(json.dumps({"seconds": seconds}), flush=True)
@@ -97,6 +113,36 @@ def measure(method: str, store: Store, urls: list[str], out: str) -> dict:
             "process_peak_mb": peak / 1024, "process_baseline_mb": baseline / 1024}
 
 
+def measure_command(argv: list[str]) -> dict:
+    """A whole command, imports included: wall seconds and peak RssAnon of its process."""
+    started = time.time()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, rss_anon_kb(child.pid))
+        except (FileNotFoundError, RuntimeError):
+            break
+        time.sleep(0.002)
+    if child.wait() != 0:
+        raise RuntimeError(f"{argv[0]} failed with {child.returncode}")
+    return {"seconds": time.time() - started, "private_mb": peak / 1024, "process_peak_mb": peak / 1024,
+            "process_baseline_mb": 0.0}
+
+
+def write_mergekit_config(urls: list[str], store: Store, out: str) -> None:
+    """`<out>.yaml`: a linear merge, weight 1 each (mergekit normalizes the weights), of the raw safetensors files."""
+    models = [{"model": store.path(u), "parameters": {"weight": 1.0}} for u in urls]
+    Path(out + ".yaml").write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": models}))
+
+
+def mergekit_command(out: str) -> dict:
+    result = measure_command([str(Path(sys.executable).with_name("mergekit-pytorch")), out + ".yaml", out + ".d"])
+    os.replace(out + ".d/model.safetensors", out)
+    shutil.rmtree(out + ".d")
+    return result
+
+
 def make_checkpoints(store: Store, prefix: str, count: int, megabytes: float, width: int) -> list[str]:
     """Transformer-like layout: square fp32 matrices with bias vectors, plus an integer buffer."""
     layers = max(1, round(megabytes * 2**20 / 4 / (4 * width * width)))
@@ -115,11 +161,19 @@ def make_checkpoints(store: Store, prefix: str, count: int, megabytes: float, wi
 
 def compare(store: Store, where: str, urls: list[str], model_mb: float, scratch: Path) -> list[dict]:
     rows, reference = [], None
-    for method in ("raw-read", "streamed", "load-all", "running-average"):
+    methods = ["raw-read", "streamed", "load-all", "running-average"]
+    if where == "local" and importlib.util.find_spec("mergekit") is not None:
+        methods += ["mergekit", "mergekit-command"]
+    for method in methods:
         if where == "local":
             measure("raw-read", store, urls, "-")  # warm the page cache for every method alike
         out = str(scratch / f"{method}.safetensors")
-        result = measure(method, store, urls, out if method != "raw-read" else "-")
+        if method.startswith("mergekit"):
+            write_mergekit_config(urls, store, out)
+        if method == "mergekit-command":
+            result = mergekit_command(out)
+        else:
+            result = measure(method, store, urls, out if method != "raw-read" else "-")
         if method != "raw-read":
             from safetensors.torch import load_file
 
@@ -170,7 +224,8 @@ def comparison(args) -> None:
                "peak_private_mem_over_model": max(r["private_mem_over_model"] for r in streamed)}
     print(f"\nstreamed merge: worst read_bandwidth_ratio {summary['read_bandwidth_ratio']:.2f} (goal >= 0.8), "
           f"worst peak_private_mem_over_model {summary['peak_private_mem_over_model']:.2f} (goal <= 1.5)")
-    print("mergekit: not measured here (see bench/RESULTS.md)")
+    if not any(r["method"] == "mergekit" for r in rows):
+        print("mergekit: not installed, so not measured (pip install -e '.[bench]')")
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/merge.json").write_text(json.dumps({"rows": rows, **summary}, indent=2))
 

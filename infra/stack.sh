@@ -4,6 +4,8 @@
 # device slot (CUDA_VISIBLE_DEVICES=i when GPUs are present, else a one-thread CPU slot).
 #
 #   infra/stack.sh up | down
+#   STACK_DB=postgres infra/stack.sh up     # the server on PostgreSQL (needs initdb/postgres on PATH),
+#                                          # started here as a cluster of its own; default: SQLite
 #
 # Everything listens on 127.0.0.1. State, logs and process ids live in $STACK_DIR; `source
 # $STACK_DIR/env` points a shell at the stack. Only the processes recorded there are ever stopped.
@@ -31,6 +33,23 @@ wait_for() {  # wait_for WHAT URL
   return 1
 }
 
+start_postgres() {  # a throwaway cluster on 127.0.0.1:PG_PORT, trust auth, database "prefect"
+  local bin data port=${PG_PORT:-5433} as_postgres=()
+  bin=$(dirname "$(readlink -f "$(command -v initdb)")")
+  data=$(mktemp -d /tmp/soup-stack-pg-XXXXXX)  # outside STACK_DIR, which may be private to this user
+  echo "$data" >"$STACK_DIR/pg-data"
+  if [ "$(id -u)" = 0 ]; then  # PostgreSQL refuses to run as root: use its own account then
+    chown postgres "$data"
+    as_postgres=(runuser -u postgres --)
+  fi
+  "${as_postgres[@]}" "$bin/initdb" -D "$data" -A trust -U prefect >"$STACK_DIR/logs/initdb.log"
+  start postgres "${as_postgres[@]}" "$bin/postgres" -D "$data" -p "$port" -k "$data" \
+    -c listen_addresses=127.0.0.1 -c max_connections=200
+  for _ in $(seq 1 60); do "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" && break; sleep 0.5; done
+  "$bin/createdb" -h 127.0.0.1 -p "$port" -U prefect prefect
+  echo "export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect@127.0.0.1:$port/prefect" >>"$STACK_DIR/env"
+}
+
 up() {
   mkdir -p "$STACK_DIR/logs" "$STACK_DIR/pids"
   cat >"$STACK_DIR/env" <<ENV
@@ -44,6 +63,7 @@ export SOUP_STORAGE_ROOT=s3://$BUCKET/soups
 export PREFECT_CLI_PROMPT=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 ENV
+  if [ "${STACK_DB:-sqlite}" = postgres ]; then start_postgres; fi
   # shellcheck disable=SC1091
   source "$STACK_DIR/env"
   start server prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
@@ -86,7 +106,8 @@ down() {
   [ -d "$STACK_DIR/pids" ] || { echo "stack: nothing recorded in $STACK_DIR"; return 0; }
   for file in "$STACK_DIR"/pids/worker-*; do [ -e "$file" ] && stop_pid_file "$file" & done
   wait
-  for file in "$STACK_DIR"/pids/*; do [ -e "$file" ] && stop_pid_file "$file"; done
+  for name in server s3 postgres; do [ -e "$STACK_DIR/pids/$name" ] && stop_pid_file "$STACK_DIR/pids/$name"; done
+  if [ -e "$STACK_DIR/pg-data" ]; then rm -rf "$(cat "$STACK_DIR/pg-data")" "$STACK_DIR/pg-data"; fi
   echo "stack down"
 }
 

@@ -83,7 +83,7 @@ def this_process_slot() -> dict[str, str]:
 
 def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: float, lease_s: float) -> bool:
     """True when a fine-tune that should be running has no live lease: its process or machine died."""
-    if running_for_s < lease_s or finished(store, layout, ingredient_id):
+    if running_for_s < lease_s or layout.has_result(ingredient_id):
         return False
     lease = Lease(store, layout.lease(ingredient_id), lease_s)
     record = lease.holder()
@@ -113,16 +113,6 @@ def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> dic
 
 
 # -- ingredients -------------------------------------------------------------------------------------
-def finished(store: Store, layout: Layout, ingredient_id: str) -> bool:
-    """A result is stored (completed or diverged); a failed attempt is not a result."""
-    try:
-        return store.read_json(layout.meta(ingredient_id)).get("status") != "failed"
-    except StorageUnavailable:
-        raise
-    except StorageError:
-        return False
-
-
 def completed_ingredient(store: Store, layout: Layout, ingredient_id: str, log: Log) -> dict[str, Any] | None:
     """The stored result of an ingredient if it is finished and its checkpoint verifies; else None."""
     meta_url = layout.meta(ingredient_id)

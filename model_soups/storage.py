@@ -433,6 +433,15 @@ class Layout:
     def meta(self, ingredient_id: str) -> str:
         return self.store.url(self.experiment, "ingredients", ingredient_id, "meta.json")
 
+    def has_result(self, ingredient_id: str) -> bool:
+        """A result is stored for the ingredient (completed or diverged); a failed attempt is not a result."""
+        try:
+            return self.store.read_json(self.meta(ingredient_id)).get("status") != "failed"
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            return False
+
     def evaluation(self, ingredient_id: str, split: str, suffix: str) -> str:
         return self.store.url(self.experiment, "evals", ingredient_id, f"{split.replace(':', '_')}.{suffix}")
 

@@ -99,12 +99,12 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
 
 
-BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease
+BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease, or has just finished it
 STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
 
 
 def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """Fine-tune one ingredient under its lease; None if another process is training it right now."""
+    """Fine-tune one ingredient under its lease; None if another process is training it or has just finished it."""
     store = Store(StorageConfig.model_validate(job["storage"]))
     layout = Layout(store, job["experiment"])
     lease = Lease(store, layout.lease(job["id"]), job["lease_s"])
@@ -112,6 +112,10 @@ def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str
         log(f"{job['id']}: busy, another process holds {layout.lease(job['id'])}")
         return None
     try:
+        # checked again under the lease: another process may have finished it since the caller looked
+        if layout.has_result(job["id"]):
+            log(f"{job['id']}: finished by another process meanwhile")
+            return None
         return _train_and_store(job, store, layout, log)
     finally:
         lease.release()

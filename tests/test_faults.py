@@ -9,7 +9,7 @@ import pytest
 
 from flows.model_soup import model_soup
 from model_soups.config import parse_config
-from model_soups.pipeline import completed_ingredient, finished, open_storage
+from model_soups.pipeline import completed_ingredient, open_storage
 from tests.conftest import small_digits
 
 FAULTS = {2: "crash", 3: "hang", 4: "oom", 5: "nan", 6: "crash-once"}
@@ -70,5 +70,5 @@ def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_pat
     logged = []
     assert completed_ingredient(store, layout, metas[2]["id"], logged.append) is None
     assert "an earlier attempt failed (crashed: killed by SIGKILL" in logged[0]
-    assert not finished(store, layout, metas[2]["id"])
-    assert finished(store, layout, metas[5]["id"])  # diverged is final
+    assert not layout.has_result(metas[2]["id"])
+    assert layout.has_result(metas[5]["id"])  # diverged is final

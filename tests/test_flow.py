@@ -99,18 +99,34 @@ def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root)
     assert first["files"]["soup.safetensors"] == second["files"]["soup.safetensors"]
 
 
-def test_corrupt_checkpoint_is_detected_and_trained_again(first_run, root):
+def truncate_checkpoint(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+
+
+def drop_meta(folder: Path) -> None:  # the upload stopped between the checkpoint and its completion record
+    (folder / "meta.json").unlink()
+
+
+def wrong_sha256(folder: Path) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
+
+
+@pytest.mark.parametrize("damage", [truncate_checkpoint, drop_meta, wrong_sha256])
+def test_interrupted_upload_is_detected_and_the_ingredient_trained_again(first_run, root, damage):
     config, _ = first_run
     victim = sorted((root / "flow" / "ingredients").iterdir())[0]
-    data = bytearray((victim / "model.safetensors").read_bytes())
-    (victim / "model.safetensors").write_bytes(bytes(data[: len(data) - 100]))  # an interrupted upload
-    meta_before = (victim / "meta.json").stat().st_mtime_ns
+    checkpoint_before = (victim / "model.safetensors").stat().st_mtime_ns
+    damage(victim)
     paths = model_soup(config=config)
-    assert (victim / "meta.json").stat().st_mtime_ns != meta_before
+    assert (victim / "model.safetensors").stat().st_mtime_ns != checkpoint_before  # trained and written again
     meta = json.loads((victim / "meta.json").read_text())
-    assert Store(StorageConfig(root=f"file://{root}")).sha256(meta["checkpoint"]) == meta["sha256"]
+    store = Store(StorageConfig(root=f"file://{root}"))
+    assert store.sha256(meta["checkpoint"]) == meta["sha256"]
     manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
-    assert victim.name in [i["id"] for i in manifest["ingredients"]]
+    (entry,) = [i for i in manifest["ingredients"] if i["id"] == victim.name]
+    assert entry["sha256"] == meta["sha256"]  # the soup was made from the verified checkpoint, never the bad one
 
 
 def test_nan_ingredient_is_left_out_and_named_in_the_report(first_run, root, tmp_path):

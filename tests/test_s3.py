@@ -117,3 +117,20 @@ def test_s3_down_mid_run_fails_after_bounded_retries_and_a_rerun_resumes(prefect
         assert after[ingredient_id]["modified"] == meta["modified"] and after[ingredient_id]["sha256"] == meta["sha256"]
     manifest = json.loads(fs.cat(f"{paths['run'].removeprefix('s3://')}/manifest.json"))
     assert len(manifest["ingredients"]) == 6 and not manifest["failed"]
+
+
+def test_s3_down_at_the_start_fails_in_the_preflight_before_any_training(prefect_server, monkeypatch):
+    from model_soups.storage import StorageError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    config = parse_config({**small_digits("s3://soup-bucket/soups", experiment="down"),
+                           "storage": {"root": "s3://soup-bucket/soups", "endpoint_url": "http://127.0.0.1:9"}})
+    state = model_soup(config=config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StorageError, match=r"storage root s3://soup-bucket/soups \(endpoint http://127.0.0.1:9\) "
+                                           r"is not writable: .*EndpointConnectionError"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert len(runs) == 1 and runs[0].name.startswith("prepare")  # no fine-tune was started

@@ -1,4 +1,5 @@
-"""The Prefect API goes away for a moment in the middle of a run: the run carries on, and nothing stored is lost."""
+"""Runs from the `soup` CLI against a real `prefect server start` process: the API going away for a moment in
+the middle of a run, and two runs of the same experiment at once."""
 
 from __future__ import annotations
 
@@ -83,9 +84,9 @@ def run_flow(config_file: Path, server: PrefectServer) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def completed_metas(root: Path) -> dict[str, Path]:
+def completed_metas(root: Path, experiment: str = "api") -> dict[str, Path]:
     metas = {}
-    for path in (root / "api" / "ingredients").glob("*/meta.json"):
+    for path in (root / experiment / "ingredients").glob("*/meta.json"):
         if json.loads(path.read_text())["status"] == "completed":
             metas[path.parent.name] = path
     return metas
@@ -124,3 +125,25 @@ def test_run_survives_the_prefect_api_going_away_and_loses_nothing(server, tmp_p
     output, _ = again.communicate(timeout=400)
     assert again.returncode == 0, output
     assert {name: path.stat().st_mtime_ns for name, path in completed_metas(root).items()} == before  # all reused
+
+
+def test_two_runs_of_one_experiment_at_once_train_each_ingredient_once(server, tmp_path):
+    root = tmp_path / "storage"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(small_digits(f"file://{root}", experiment="twice", n=4, max_steps=[60])))
+    runs = [run_flow(config_file, server) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    stored = completed_metas(root, "twice")
+    assert len(stored) == 4
+    for ingredient_id in stored:  # one run trained it; the other found it busy, waited, and reused the result
+        trained = sum(output.count(f"ingredient {ingredient_id}: trained") for output in outputs)
+        reused = sum(output.count(f"ingredient {ingredient_id}: reused") for output in outputs)
+        assert (trained, reused) == (1, 1), (ingredient_id, outputs)
+    store = Store(StorageConfig(root=f"file://{root}"))
+    for path in stored.values():
+        meta = json.loads(path.read_text())
+        assert store.sha256(meta["checkpoint"]) == meta["sha256"]
+    manifests = [json.loads(p.read_text()) for p in (root / "twice" / "runs").glob("*/manifest.json")]
+    assert len(manifests) == 2 and manifests[0]["files"]["soup.safetensors"] == manifests[1]["files"]["soup.safetensors"]
+    assert not list(root.rglob("*.partial-*")) and not list(root.rglob("lease.json"))
