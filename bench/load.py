@@ -8,7 +8,7 @@ For each: wall time, the peak RSS of the model-soup flow process (sampled from /
 any fine-tune flow run process, the flow and task runs that did not complete, and the server's errors: ERROR
 lines in its log, and how many of them were "database is locked".
 
-    python bench/load.py [--n 64] [--db sqlite|postgres|both] [--skip-stack]
+    python bench/load.py [--n 64] [--db sqlite|postgres|both] [--skip-stack]     # about 15 min per database
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"],
-                        default="both" if shutil.which("initdb") else "sqlite", help="the Prefect server's database")
+                        default="postgres" if shutil.which("initdb") else "sqlite",
+                        help="the Prefect server's database (default: PostgreSQL, the production one, where installed)")
     parser.add_argument("--skip-stack", action="store_true", help="only the local flow")
     args = parser.parse_args()
     rows = []
@@ -193,8 +194,8 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
     Path(REPO / "bench/results").mkdir(exist_ok=True)
-    (REPO / "bench/results/load.json").write_text(json.dumps(
-        {"machine": f"{os.cpu_count()} cores", "command": "python bench/load.py", "rows": rows}, indent=2) + "\n")
+    record = {"machine": f"{os.cpu_count()} cores", "command": " ".join(["python", *sys.argv]), "rows": rows}
+    (REPO / "bench/results/load.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -98,15 +98,15 @@ class Store:
     def retrying(self, action: str, url: str, operation: Callable[[], Any], attempts: int | None = None) -> Any:
         """Run one storage operation; on a transient endpoint error retry with backoff (1, 2, 4... s), then give up."""
         attempts = attempts or 1 + self.config.retries
-        started = time.time()
-        for attempt in range(1, attempts + 1):
+        started, attempt = time.time(), 1
+        while True:
             try:
                 return operation()
             except TRANSIENT as error:
                 if attempt == attempts:
                     raise self.unavailable(action, url, error, attempts, time.time() - started) from None
-                time.sleep(2.0 ** (attempt - 1))
-        raise AssertionError("unreachable")
+            time.sleep(2.0 ** (attempt - 1))
+            attempt += 1
 
     # -- plain objects -------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
@@ -269,7 +269,7 @@ class CheckpointReader:
     def _read_hashed(self, n: int) -> bytes:
         try:
             data = self.handle.read(n)
-        except TRANSIENT as error:  # mid-file: no retry here; the step that reads it is retried as a whole
+        except TRANSIENT as error:  # mid-file no retry (the read position is lost): the step fails, a re-run resumes
             raise self.store.unavailable("reading", self.url, error) from None
         if self.expected_sha is not None:  # hashing costs ~1.7 GB/s per core: only when there is a sum to check
             self.digest.update(data)

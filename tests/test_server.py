@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ import yaml
 
 from model_soups.config import StorageConfig
 from model_soups.storage import Store
-from tests.conftest import small_digits
+from tests.conftest import free_port, small_digits
 
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class PrefectServer:

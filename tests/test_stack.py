@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,20 +14,17 @@ import httpx
 import pytest
 import s3fs
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     stack_dir = tmp_path_factory.mktemp("stack")
     env = {**os.environ, "STACK_DIR": str(stack_dir), "PREFECT_PORT": str(free_port()), "S3_PORT": str(free_port()),
-           "GPU_WORKERS": "2"}
+           "GPU_WORKERS": "2", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     up = subprocess.run([str(REPO / "infra/stack.sh"), "up"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -59,17 +55,24 @@ def deployed(stack):
     return stack
 
 
-def test_nightly_deployment_has_its_schedule(deployed):
+def test_nightly_deployment_has_its_schedule_and_scheduled_runs(deployed):
     (nightly,) = api(deployed, "/deployments/filter", {"deployments": {"name": {"any_": ["nightly"]}}})
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["enforce_parameter_schema"] is True
+    deadline, runs = time.time() + 90, []
+    while not runs and time.time() < deadline:  # the server's scheduler creates the upcoming runs
+        runs = api(deployed, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [nightly["id"]]}}})
+        time.sleep(1)
+    assert runs and all(r["state_type"] == "SCHEDULED" for r in runs), "the scheduler created no nightly runs"
+    assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in runs)
 
 
 def test_invalid_parameter_is_refused_naming_the_field(deployed):
     result = prefect(deployed, "deployment", "run", "model-soup/on-demand", "--params", '{"config": {"soup": {"rule": "=>"}}}')
     output = result.stdout + result.stderr
     assert "config.soup.rule" in output and "'=>' is not one of" in output
-    assert not api(deployed, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"is_null_": False}}})
+    (on_demand,) = api(deployed, "/deployments/filter", {"deployments": {"name": {"any_": ["on-demand"]}}})
+    assert not api(deployed, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [on_demand["id"]]}}})
 
 
 def worker_of(pid: int, workers: dict[int, str]) -> int | None:
