@@ -6,7 +6,11 @@ costs between tasks. Inside the fine-tune tasks, the time outside the training l
 imports, storage checks, writing the checkpoint) is reported per fine-tune. Starting the temporary
 Prefect server is reported apart.
 
-    python bench/pipeline.py [--n 10]
+With `--text-train`, it also times text fine-tune steps (all-MiniLM-L6-v2, batch 32, one thread) three
+ways, interleaved step by step so that the machine's noise hits all three alike: padded to the split's
+longest sentence (what the text recipe did before), padded per batch, and with length-grouped batches.
+
+    python bench/pipeline.py [--n 10] [--text-train ../shared/data/sst2/train.tsv] [--no-flow]
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
@@ -25,7 +33,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 
 from flows.model_soup import model_soup  # noqa: E402
 from model_soups.config import parse_config  # noqa: E402
+from model_soups.recipes import SplitData, get_recipe  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
+from model_soups.train import batches  # noqa: E402
 
 
 def run(slots: int, n: int) -> dict:
@@ -69,10 +79,66 @@ def union_seconds(intervals) -> float:
     return total
 
 
+def text_step_seconds(train_url: str, rounds: int, batch_size: int = 32, warmup: int = 2) -> dict:
+    """Seconds per training step of MiniLM on one thread: split-wide padding, per-batch padding, length-grouped."""
+    torch.set_num_threads(1)
+    recipe = get_recipe("text", {"train": train_url, "text_column": "sentence", "max_train_examples": 7000,
+                                 "val_fraction": 1 / 7, "max_length": 64})
+    train = recipe.load_split("train")
+    split_wide = SplitData(train.inputs, train.labels)  # no lengths: every batch keeps the split's width
+    modes = {"split-wide padding": (split_wide, batches(len(train), batch_size, torch.Generator().manual_seed(0))),
+             "per-batch padding": (train, batches(len(train), batch_size, torch.Generator().manual_seed(0))),
+             "length-grouped": (train, batches(len(train), batch_size, torch.Generator().manual_seed(0), train.lengths))}
+    model = recipe.build_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    tokens: dict[str, list[int]] = {mode: [] for mode in modes}
+    for step in range(warmup + rounds):
+        for mode, (data, order) in modes.items():
+            index = order[step]
+            inputs = data.batch(index)
+            started = time.perf_counter()
+            loss = F.cross_entropy(model(**inputs), data.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step >= warmup:
+                seconds[mode].append(time.perf_counter() - started)
+                tokens[mode].append(inputs["input_ids"].numel())
+    base = statistics.median(seconds["split-wide padding"])
+    return {mode: {"median_step_s": statistics.median(seconds[mode]), "ratio_to_split_wide": statistics.median(seconds[mode]) / base,
+                   "mean_tokens_per_batch": statistics.mean(tokens[mode]), "steps": rounds}
+            for mode in modes} | {"split_max_length": int(train.inputs["input_ids"].shape[1]),
+                                  "mean_length": float(train.lengths.float().mean())}
+
+
+def print_text_steps(result: dict) -> None:
+    print(f"\nText fine-tune step, all-MiniLM-L6-v2, batch 32, 1 thread, {result['split-wide padding']['steps']} "
+          f"interleaved steps each; the split's longest sentence is {result['split_max_length']} tokens, "
+          f"the mean {result['mean_length']:.1f}\n")
+    print("| batches | median s per step | x split-wide padding | tokens per batch (with padding) |")
+    print("|---|---|---|---|")
+    for mode in ("split-wide padding", "per-batch padding", "length-grouped"):
+        r = result[mode]
+        print(f"| {mode} | {r['median_step_s']:.3f} | {r['ratio_to_split_wide']:.2f} | {r['mean_tokens_per_batch']:.0f} |")
+    print(f"\nper_batch_padding_ratio = {result['per-batch padding']['ratio_to_split_wide']:.2f} (goal <= 0.7), "
+          f"length_grouped_ratio = {result['length-grouped']['ratio_to_split_wide']:.2f} (goal <= 0.35)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--text-train", help="SST-2 style TSV (sentence, label) for the text step timing")
+    parser.add_argument("--text-rounds", type=int, default=30)
+    parser.add_argument("--no-flow", action="store_true", help="only the text step timing")
     args = parser.parse_args()
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    if args.text_train:
+        text = text_step_seconds(args.text_train, args.text_rounds)
+        print_text_steps(text)
+        Path("bench/results/pipeline_text.json").write_text(json.dumps(text, indent=2))
+    if args.no_flow:
+        return
     one, two = run(1, args.n), run(2, args.n)
     speedup = one["finetune_stage_s"] / two["finetune_stage_s"]
     print(f"\nPipeline cost, demo config (digits, {args.n} ingredients), {os.cpu_count()} CPU cores\n")
@@ -89,7 +155,6 @@ def main() -> None:
           "checkpoint write; inside the task, outside the training loop)")
     print(f"greedy soup: {one['greedy_candidate_evaluations']} candidate evaluations for N = {args.n}, "
           f"{1000 * one['greedy_seconds_per_evaluation']:.1f} ms each")
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/pipeline.json").write_text(json.dumps(
         {"runs": [one, two], "speedup_2_slots": speedup, "overhead_fraction": one["overhead_fraction"]}, indent=2))
 

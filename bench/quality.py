@@ -4,8 +4,8 @@ Runs the real model_soup flow (local storage, temporary Prefect server) and then
 per-example logits of every ingredient and soup, so that each difference to the best individual comes
 with its paired standard error and its discordant counts.
 
-    python bench/quality.py digits [--seeds 0 1 2] [--n 16]
-    python bench/quality.py text --train URL --test URL [--ood name=URL ...] [--n 8] [--max-train 4000]
+    python bench/quality.py digits [--seeds 0 1 2 3 4] [--n 16]
+    python bench/quality.py text --train URL --test URL [--ood name=URL ...] [--n 8] [--max-train 6000] [--val 1000]
         e.g. --train ../shared/data/sst2/train.tsv --test ../shared/data/sst2/dev.tsv
 """
 
@@ -87,7 +87,10 @@ def evaluate_run(run_url: str) -> dict:
             row[f"{name}_vs_best"] = paired(correct, best)
         table[kind] = row
     table["greedy_soup"]["n_ingredients"] = len(manifest["soups"]["greedy"]["ingredients"])
-    table["all"] = {"n_ingredients": len(manifest["ingredients"])}
+    test = [load_npz(store.read_bytes(layout.evaluation(i["id"], "test", "npz"))) for i in manifest["ingredients"]]
+    table["all"] = {"n_ingredients": len(manifest["ingredients"]), "val_size": len(correct_per_example(
+        store, layout, manifest, "best_individual", "val")),
+        "ingredients_test": [100 * float((d["logits"].argmax(1) == d["labels"]).mean()) for d in test]}
     return table
 
 
@@ -124,26 +127,41 @@ def print_table(tables: list[dict], title: str) -> dict:
         print(line)
         summary[kind] = rows
     greedy = [t["greedy_soup"] for t in tables]
-    result = {"runs": tables, "greedy_minus_best_test": statistics.mean(g["test_vs_best"]["diff_pp"] for g in greedy)}
-    if has_ood:
-        result["greedy_minus_best_ood"] = statistics.mean(g["ood_vs_best"]["diff_pp"] for g in greedy)
-    print(f"\ngreedy_minus_best_test = {result['greedy_minus_best_test']:+.2f} pp"
-          + (f", greedy_minus_best_ood = {result['greedy_minus_best_ood']:+.2f} pp" if has_ood else "")
-          + f" (mean over {len(tables)} sweep seed(s)); paired SE in brackets is per run, averaged")
+    result = {"runs": tables, "val_size": tables[0]["all"]["val_size"]}
+    for split in ["test"] + (["ood"] if has_ood else []):
+        diffs = [g[f"{split}_vs_best"]["diff_pp"] for g in greedy]
+        result[f"greedy_minus_best_{split}"] = statistics.mean(diffs)
+        result[f"greedy_minus_best_{split}_paired_se"] = statistics.mean(g[f"{split}_vs_best"]["se_pp"] for g in greedy)
+        result[f"greedy_minus_best_{split}_per_seed"] = diffs
+    result["uniform_minus_median_test_per_seed"] = [t["uniform_soup"]["test"] - statistics.median(t["all"]["ingredients_test"])
+                                                    for t in tables]
+    result["uniform_minus_median_test"] = statistics.mean(result["uniform_minus_median_test_per_seed"])
+    result["greedy_size_per_seed"] = [g["n_ingredients"] for g in greedy]
+    result["greedy_size"] = statistics.mean(result["greedy_size_per_seed"])
+    print(f"\nval: {result['val_size']} examples, one example is {100 / result['val_size']:.2f} points")
+    for split in ["test"] + (["ood"] if has_ood else []):
+        print(f"greedy_minus_best_{split} = {result[f'greedy_minus_best_{split}']:+.2f} pp "
+              f"(paired SE {result[f'greedy_minus_best_{split}_paired_se']:.2f}, per run, averaged); per seed: "
+              + ", ".join(f"{d:+.2f}" for d in result[f"greedy_minus_best_{split}_per_seed"]))
+    print(f"uniform_minus_median_test = {result['uniform_minus_median_test']:+.2f} pp; per seed: "
+          + ", ".join(f"{d:+.2f}" for d in result["uniform_minus_median_test_per_seed"]))
+    print(f"greedy_size = {result['greedy_size']:.1f} of {tables[0]['all']['n_ingredients']}; per seed: {result['greedy_size_per_seed']}")
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=["digits", "text"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sweep seeds (one run each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="sweep seeds (one run each)")
     parser.add_argument("--n", type=int, default=None, help="ingredients per run (digits 16, text 8)")
     parser.add_argument("--root", default=None, help="storage root (default: a temporary folder)")
     parser.add_argument("--train")
     parser.add_argument("--test")
     parser.add_argument("--ood", nargs="*", default=[], metavar="NAME=URL")
     parser.add_argument("--text-column", default="sentence")
-    parser.add_argument("--max-train", type=int, default=4000)
+    parser.add_argument("--max-train", type=int, default=6000, help="text: training sentences (val is held out besides)")
+    parser.add_argument("--val", type=int, default=1000, help="text: sentences held out from train as val")
+    parser.add_argument("--epochs", type=int, default=1, help="text: epochs of every fine-tune")
     args = parser.parse_args()
     root = args.root or "file://" + tempfile.mkdtemp(prefix=f"soup-quality-{args.recipe}-")
     tables = []
@@ -154,12 +172,15 @@ def main() -> None:
         else:
             if not (args.train and args.test):
                 sys.exit("quality.py text: give --train and --test (e.g. ../shared/data/sst2/train.tsv and dev.tsv)")
+            total = args.max_train + args.val
             options = {"train": args.train, "test": args.test, "text_column": args.text_column,
-                       "max_train_examples": args.max_train, "max_length": 64,
+                       "max_train_examples": total, "val_fraction": args.val / total, "max_length": 64,
                        "ood": dict(item.split("=", 1) for item in args.ood)}
             config = {"experiment": "quality-text", "storage": {"root": root},
                       "recipe": {"name": "text", "options": options},
-                      "sweep": {"n": args.n or 8, "seed": seed}, "soup": {"learned_steps": 50}}
+                      "sweep": {"n": args.n or 8, "seed": seed, "params": {
+                          "epochs": [args.epochs], "lr": {"low": 1e-5, "high": 1e-4, "log": True}}},
+                      "soup": {"learned_steps": 50}}
         tables.append(evaluate_run(run_flow(config)))
     title = (f"Quality, {args.recipe} recipe, {tables[0]['all']['n_ingredients']} ingredients per run, "
              f"sweep seeds {args.seeds} (accuracy %, mean ± std over seeds)")

@@ -99,7 +99,11 @@ class SoupOptions(Strict):
     )
     ensembles: bool = Field(True, description="also report the ensemble and greedy ensemble from stored logits")
     accumulate: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of averages")
-    recompute_bn: bool = Field(False, description="re-estimate BatchNorm statistics on train data after merging")
+    recompute_bn: bool = Field(
+        False, description="re-estimate BatchNorm statistics on train data for every soup of 2+ ingredients; the greedy "
+        "soup does it for each candidate too (one more forward pass over recompute_bn_examples each), so it scores "
+        "candidates exactly as it publishes them")
+    recompute_bn_examples: int = Field(2048, ge=1, description="the fixed train examples BatchNorm is re-estimated on")
     learned_steps: int = Field(100, ge=0, description="optimizer steps of the learned soup")
     learned_granularity: Literal["global", "per-layer"] = Field("per-layer", description="learned soup weights")
 

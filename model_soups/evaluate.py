@@ -13,11 +13,15 @@ ECE_BINS = 15
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: SplitData, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
     model.to(device).eval()
-    outputs = []
-    for start in range(0, len(data), batch_size):
-        inputs = {name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()}
-        outputs.append(logits_of(model(**inputs)).float().cpu())
-    return torch.cat(outputs).numpy()
+    # sequences go shortest first, so each batch is padded only to its own longest; logits come back in order
+    order = torch.arange(len(data)) if data.lengths is None else torch.argsort(data.lengths, stable=True)
+    logits = None
+    for index in order.split(batch_size):
+        inputs = {name: value.to(device) for name, value in data.batch(index).items()}
+        out = logits_of(model(**inputs)).float().cpu()
+        logits = torch.empty(len(data), *out.shape[1:]) if logits is None else logits
+        logits[index] = out
+    return logits.numpy()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

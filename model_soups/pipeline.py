@@ -27,7 +27,7 @@ from model_soups import merge, report, soups
 from model_soups.config import ConfigError, RunConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient
-from model_soups.recipes import Recipe, get_recipe, stable_hash
+from model_soups.recipes import Recipe, SplitData, get_recipe, stable_hash
 from model_soups.storage import (CorruptCheckpoint, Layout, Lease, Store, StorageError, StorageUnavailable, load_npz,
                                  npz_bytes)
 from model_soups.sweep import IngredientSpec, expand
@@ -310,13 +310,22 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
         reference = base.info
     val = recipe.load_split("val")
     model = recipe.build_model()
+    batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
     evaluations, evaluation_s = 0, 0.0
 
-    def score(state: dict[str, torch.Tensor]) -> float:
+    def as_published(state: dict[str, torch.Tensor], n_ingredients: int) -> str:
+        """Load `state` into `model` exactly as it is published; returns what happened to BatchNorm statistics.
+        One ingredient keeps its own statistics, which are exact for its weights."""
+        model.load_state_dict(state)
+        if batchnorm_data is not None and n_ingredients > 1 and soups.recompute_batchnorm(model, batchnorm_data, recipe.eval_batch_size):
+            return f"recomputed on {len(batchnorm_data)} train examples"
+        return "averaged" if n_ingredients > 1 else "the ingredient's own"
+
+    def score(state: dict[str, torch.Tensor], n_ingredients: int) -> float:
         nonlocal evaluations, evaluation_s
         evaluations += 1
         started = time.time()
-        model.load_state_dict(state)
+        as_published(state, n_ingredients)
         accuracy = float((predict(model, val, recipe.eval_batch_size, evaluation_device()).argmax(1) == val.labels.numpy()).mean())
         evaluation_s += time.time() - started
         log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
@@ -327,10 +336,9 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
     started = time.time()
     soup = soups.SOUP_METHODS[method](ctx)
     state = merge.weighted_average(store, soup.ingredients, soup.weights, soups.ACCUMULATE[config.soup.accumulate], reference)
-    model = load_model(recipe, state)
-    batchnorm = "averaged"
-    if config.soup.recompute_bn and soups.recompute_batchnorm(model, recipe.load_split("train"), recipe.eval_batch_size):
-        state, batchnorm = {k: v.detach().clone() for k, v in model.state_dict().items()}, "recomputed on train"
+    batchnorm = as_published(state, len(soup.ingredients))
+    model.eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     url = layout.soup(key, "soup.safetensors")
     sha = store.save_checkpoint(url, state, {"method": method})
     split_metrics = {}
@@ -348,6 +356,14 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
     log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val']['accuracy']:.4f}, "
         f"{evaluations} candidate evaluations")
     return {**record, "reused": False}
+
+
+def batchnorm_subset(recipe: Recipe, examples: int) -> SplitData:
+    """The fixed train examples on which every multi-ingredient soup, candidates included, re-estimates BatchNorm."""
+    train = recipe.load_split("train")
+    if len(train) <= examples:
+        return train
+    return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:examples].sort().values)
 
 
 def ensemble_rows(store: Store, layout: Layout, metas: list[dict[str, Any]], splits: list[str],

@@ -131,6 +131,23 @@ def figure_cosines(ids: list[str], matrix: list[list[float]]) -> bytes | None:
     return _png(figure)
 
 
+ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kept val accuracy."
+
+
+def what_happened(results: pd.DataFrame, trajectory: list[dict[str, Any]]) -> str:
+    """The val set's size and resolution, and what the greedy soup did, in words."""
+    val = results[results.split == "val"]
+    size = int(val["n"].iloc[0]) if "n" in val and len(val) else 0
+    words = [f"Val has {size} examples: one example is {100 / size:.2f} points." if size else ""]
+    kept = [t for t in trajectory if t["accepted"]]
+    if len(kept) == 1:
+        words.append(ONE_INGREDIENT)
+    elif kept:
+        words.append(f"The greedy soup kept {len(kept)} of {len(trajectory)} ingredients: val {100 * kept[-1]['soup_val']:.2f} "
+                     f"against {100 * kept[0]['soup_val']:.2f} for the best fine-tune.")
+    return " ".join(w for w in words if w)
+
+
 def read_results(store: Store, run_url: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(store.read_bytes(f"{run_url}/results.csv")))
 
@@ -159,7 +176,7 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
         ("Summary", f"Experiment `{manifest['experiment']}`, run `{manifest['run_id']}`: {len(manifest['ingredients'])} "
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
-                    f"`ood:*` did not."),
+                    f"`ood:*` did not. {what_happened(results, trajectory)}"),
         ("Methods", markdown_table(table)),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),

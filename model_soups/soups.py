@@ -40,7 +40,7 @@ class SoupContext:
     val_accuracy: Mapping[str, float]
     reference: Mapping[str, TensorInfo]
     options: SoupOptions
-    score: Callable[[dict[str, torch.Tensor]], float]  # val accuracy of a state dict
+    score: Callable[[dict[str, torch.Tensor], int], float]  # val accuracy of a soup of k ingredients, as published
     model: torch.nn.Module
     val: SplitData
     eval_batch_size: int = 256
@@ -78,7 +78,7 @@ def greedy_soup(ctx: SoupContext) -> Soup:
     trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
     for ingredient in rest:
         candidate = add_into(total, ctx.store, ingredient, ctx.reference)
-        score = ctx.score(divide(candidate, len(chosen) + 1, ctx.reference))
+        score = ctx.score(divide(candidate, len(chosen) + 1, ctx.reference), len(chosen) + 1)
         accepted = accepts(score, best_score, ctx.options.rule)
         if accepted:
             chosen, total, best_score = chosen + [ingredient], candidate, score
@@ -131,9 +131,10 @@ def recompute_batchnorm(model: torch.nn.Module, data: SplitData, batch_size: int
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over all batches
+    device = next(model.parameters()).device
     model.train()
     for start in range(0, len(data), batch_size):
-        model(**data.batch(slice(start, start + batch_size)))
+        model(**{name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()})
     for m, momentum in momenta.items():
         m.momentum = momentum
     model.eval()

@@ -58,7 +58,7 @@ def finetune(
     report_every = max(1, total // 10)
     step = 0
     while step < total:
-        for index in torch.randperm(len(train), generator=generator).split(hp.batch_size):
+        for index in batches(len(train), hp.batch_size, generator, train.lengths if recipe.group_by_length else None):
             if step >= total:
                 break
             inputs, labels = train.batch(index), train.labels[index]
@@ -91,6 +91,17 @@ def finetune(
     if bad:
         return TrainResult("diverged", None, step, curve, f"weights became non-finite in {bad[0]!r}")
     return TrainResult("completed", state, step, curve)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch of shuffled batches. With `lengths`, grouped by length as transformers' `group_by_length` does:
+    shuffle, sort within mega-batches of 50 batches, cut, then shuffle the batches, so little is padding."""
+    order = torch.randperm(n, generator=generator)
+    if lengths is None:
+        return list(order.split(batch_size))
+    grouped = [chunk[torch.argsort(lengths[chunk], descending=True, stable=True)] for chunk in order.split(50 * batch_size)]
+    cut = [batch for chunk in grouped for batch in chunk.split(batch_size)]
+    return [cut[i] for i in torch.randperm(len(cut), generator=generator)]
 
 
 def versions() -> dict[str, str]:

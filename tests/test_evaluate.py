@@ -8,7 +8,7 @@ import torch
 
 from model_soups.evaluate import metrics
 from model_soups.recipes import get_recipe
-from model_soups.recipes.digits import Digits, DigitsNet
+from model_soups.recipes.digits import Digits
 from model_soups.soups import recompute_batchnorm
 
 
@@ -23,8 +23,8 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_batchnorm_statistics_are_re_estimated_on_the_given_data():
-    recipe = get_recipe("digits", {"width": 4})
-    model = DigitsNet(width=4)
+    recipe = get_recipe("digits", {"width": 4, "norm": "batch"})
+    model = recipe.build_model()
     train = recipe.load_split("train")
     first_norm = model.backbone[1]
     first_norm.running_mean.fill_(123.0)

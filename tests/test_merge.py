@@ -27,7 +27,7 @@ def any_store(request, tmp_path) -> Store:
 def perturbed_states(n: int, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
     """Fine-tune-like states of a model with BatchNorm: floats moved, num_batches_tracked differing."""
     torch.manual_seed(0)
-    base = DigitsNet(width=4).state_dict()
+    base = DigitsNet(width=4, norm="batch").state_dict()
     states = []
     for i in range(n):
         state = {}

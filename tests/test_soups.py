@@ -38,7 +38,7 @@ def greedy_with(store, values, score_of_mean, rule):
     with store.open_checkpoint(ingredients[0].url) as reader:
         reference = reader.info
     ctx = SoupContext(store, rank(ingredients, val), val, reference, SoupOptions(rule=rule),
-                      lambda state: score_of_mean(float(state["w"][0])), model=None, val=None)
+                      lambda state, size: score_of_mean(float(state["w"][0])), model=None, val=None)
     soup = greedy_soup(ctx)
     return [i.id for i in soup.ingredients], soup
 
@@ -93,7 +93,7 @@ def test_greedy_costs_exactly_n_minus_one_evaluations(store):
     val = {i.id: -abs(v - 3) for i, v in zip(ingredients, values)}
     with store.open_checkpoint(ingredients[0].url) as reader:
         ctx = SoupContext(store, rank(ingredients, val), val, reader.info, SoupOptions(),
-                          lambda s: calls.append(1) or -abs(float(s["w"][0]) - 3), None, None)
+                          lambda s, size: calls.append(1) or -abs(float(s["w"][0]) - 3), None, None)
     greedy_soup(ctx)
     assert len(calls) == len(values) - 1
 
@@ -112,7 +112,7 @@ def test_learned_soup_mixing_with_one_hot_weights_reproduces_an_ingredient():
 
 
 def test_learned_soup_fits_weights_that_sum_to_one_per_tensor(store):
-    recipe = get_recipe("digits", {"width": 4, "pretrain_epochs": 1})
+    recipe = get_recipe("digits", {"width": 4, "pretrain_examples": 1000, "pretrain_epochs": 1})
     torch.manual_seed(0)
     states = [DigitsNet(width=4).state_dict() for _ in range(3)]
     ingredients = []

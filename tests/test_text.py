@@ -6,10 +6,16 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from flows.model_soup import model_soup
+from model_soups import train
 from model_soups.config import parse_config
+from model_soups.evaluate import predict
+from model_soups.recipes import get_recipe
 
 GOOD = ["loved", "enjoyed", "adored", "liked", "admired"]
 BAD = ["hated", "disliked", "loathed", "despised", "regretted"]
@@ -54,3 +60,45 @@ def test_text_recipe_fine_tunes_minilm_and_makes_a_soup(prefect_server, tmp_path
     meta = json.loads(next((tmp_path / "store" / "text" / "ingredients").glob("*/meta.json")).read_text())
     assert meta["status"] == "completed" and meta["steps"] == 3
     assert (run / "soup.safetensors").stat().st_size > 50_000_000  # the whole MiniLM, not a toy
+
+
+def test_mean_pooling_with_per_batch_padding_gives_the_logits_of_the_padded_full_batch(tmp_path):
+    files = write_sentiment_files(tmp_path)
+    recipe = get_recipe("text", {**files, "head": "random"})
+    model = recipe.build_model()
+    model.load_state_dict(recipe.make_pretrained())
+    model.eval()
+    test = recipe.load_split("test")
+    assert int(test.lengths.min()) < test.inputs["input_ids"].shape[1]  # the split has padding to leave out
+    with torch.no_grad():
+        full = model(**test.inputs)
+    per_batch = predict(model, test, batch_size=5)  # batches sorted by length, each padded to its own longest
+    assert np.allclose(per_batch, full.numpy(), atol=1e-5)
+    short = test.batch(torch.argsort(test.lengths)[:5])
+    assert short["input_ids"].shape[1] < test.inputs["input_ids"].shape[1]
+    # the mean runs over real tokens only: padding a sentence further changes nothing
+    one = test.subset(torch.tensor([0]))
+    padded = {name: F.pad(value, (0, 7)) for name, value in one.inputs.items()}
+    with torch.no_grad():
+        assert torch.allclose(model(**padded), model(**one.batch(slice(None))), atol=1e-5)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (1000,), generator=generator)
+    for grouped in (None, lengths):
+        batches = train.batches(1000, 32, torch.Generator().manual_seed(1), grouped)
+        assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    padded = {name: sum(int(lengths[b].max()) * len(b) for b in train.batches(1000, 32, torch.Generator().manual_seed(1), grouping))
+              for name, grouping in (("shuffled", None), ("grouped", lengths))}
+    assert padded["grouped"] < 0.7 * padded["shuffled"]
+
+
+def test_linear_probe_start_classifies_train_better_than_chance(tmp_path):
+    files = write_sentiment_files(tmp_path)
+    recipe = get_recipe("text", files)
+    model = recipe.build_model()
+    model.load_state_dict(recipe.make_pretrained())
+    train = recipe.load_split("train")
+    accuracy = (predict(model, train).argmax(1) == train.labels.numpy()).mean()
+    assert accuracy >= 0.9  # the two words that decide the label are easy to read off MiniLM's mean features

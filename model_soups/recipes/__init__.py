@@ -35,16 +35,28 @@ class Hyperparameters(BaseModel):
 
 @dataclass
 class SplitData:
-    """One split as tensors whose first dimension is the example: model inputs (keyword args) and labels."""
+    """One split as tensors whose first dimension is the example: model inputs (keyword args) and labels.
+
+    Sequences carry `lengths` (real tokens, right-padded to the split's longest): a batch is then cut to its
+    own longest sequence, as `DataCollatorWithPadding` pads per batch.
+    """
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
+    lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        return {name: value[index] for name, value in self.inputs.items()}
+        if self.lengths is None:
+            return {name: value[index] for name, value in self.inputs.items()}
+        longest = int(self.lengths[index].max())
+        return {name: value[index, :longest] for name, value in self.inputs.items()}
+
+    def subset(self, index: torch.Tensor) -> "SplitData":
+        return SplitData({name: value[index] for name, value in self.inputs.items()}, self.labels[index],
+                         None if self.lengths is None else self.lengths[index])
 
 
 class Recipe(abc.ABC):
@@ -96,6 +108,11 @@ class Recipe(abc.ABC):
     def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return inputs
 
+    @property
+    def group_by_length(self) -> bool:
+        """Training batches of similar lengths (for sequences); part of the options, so of every ingredient id."""
+        return False
+
     def check_split(self, split: str) -> None:
         if split != "train" and split not in self.splits():
             raise ConfigError(f"recipe {self.name!r} has no split {split!r}; splits: train, {', '.join(self.splits())}")
@@ -125,6 +142,19 @@ def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
 def _load_builtin() -> None:
     importlib.import_module("model_soups.recipes.digits")
     importlib.import_module("model_soups.recipes.text")
+
+
+def fit_linear_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> None:
+    """The LP of LP-FT: fit `head` on frozen features, from where it stands (full batch, L-BFGS, a little L2)."""
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features), labels) + 1e-3 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
 
 
 def stable_hash(value: Any, length: int = 16) -> str:
