@@ -34,7 +34,7 @@ $(VENV)/.bench-stamp: $(STAMP)
 bench: $(VENV)/.bench-stamp
 	$(PY) bench/merge.py --growth
 	$(PY) bench/merge.py
-	$(PY) bench/pipeline.py
+	$(PY) bench/pipeline.py $(if $(wildcard ../shared/data/sst2/train.tsv),--text-train ../shared/data/sst2/train.tsv)
 	$(PY) bench/quality.py digits
 	$(PY) bench/load.py
 

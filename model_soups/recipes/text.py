@@ -199,11 +199,17 @@ class Text(Recipe):
         torch.manual_seed(0)
         if self.options.pooling == "cls":
             model = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=self._config())
-            head = model.classifier
+            head = getattr(model, "classifier", None)
+            if self.options.head == "linear-probe" and not isinstance(head, nn.Linear):
+                raise ConfigError(f"recipe 'text': the classifier of {self.model_path!r} is not one linear layer, so it "
+                                  "cannot be fitted as a linear probe; set recipe.options.head to 'random' or pooling to 'mean'")
         else:
             model = self.build_model()
             encoder = AutoModel.from_pretrained(self.model_path, config=self._config())
-            model.encoder.load_state_dict(encoder.state_dict(), strict=False)  # strict=False: the pooler stays out
+            loaded = model.encoder.load_state_dict(encoder.state_dict(), strict=False)  # the pooler stays out
+            if loaded.missing_keys:
+                raise ConfigError(f"recipe 'text': model {self.model_path!r} has no weights for {loaded.missing_keys[:3]}; "
+                                  "is it an encoder? Set recipe.options.pooling to 'cls' for a sequence-classification model")
             nn.init.normal_(model.head.weight, std=self._config().initializer_range)
             nn.init.zeros_(model.head.bias)
             head = model.head
