@@ -338,7 +338,7 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: dict[str, Any], met
     state = merge.weighted_average(store, soup.ingredients, soup.weights, soups.ACCUMULATE[config.soup.accumulate], reference)
     batchnorm = as_published(state, len(soup.ingredients))
     model.eval()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # the model may sit on a GPU
     url = layout.soup(key, "soup.safetensors")
     sha = store.save_checkpoint(url, state, {"method": method})
     split_metrics = {}

@@ -91,7 +91,7 @@ class Text(Recipe):
         "weight_decay": [0.0, 0.01, 0.1],
         "epochs": [1, 2],
         "label_smoothing": [0.0, 0.1],
-        "batch_size": [32],
+        "batch_size": [16],
         "seed": list(range(8)),
     }
 
