@@ -74,6 +74,12 @@ def test_unknown_split_is_named_with_the_available_ones():
         get_recipe("digits", {"ood": ["snow"]})
 
 
+def test_digits_splits_that_leave_too_little_to_train_on_are_refused_before_any_training():
+    config = parse_config({"recipe": {"name": "digits", "options": {"val_size": 1000, "test_size": 750}}})
+    with pytest.raises(ConfigError, match=r"test_size \+ val_size = 1750 leaves fewer than 100 of the 1797 digits"):
+        make_plan(config)
+
+
 def test_empty_sweep_is_an_error_before_any_training():
     with pytest.raises(ConfigError, match="empty sweep"):
         make_plan(parse_config({"sweep": {"strategy": "grid", "params": {"lr": []}}}))
