@@ -57,7 +57,7 @@ def finetunes(root: str, recipe_options: dict, pretrained: dict, count: int, ste
     jobs = [{"id": f"{'par' if concurrent else 'seq'}-{i}", "slot": f"gpu-{i}", "experiment": "gpu", "lease_s": 60,
              "storage": {"root": root}, "recipe": {"name": "text", "options": recipe_options},
              "hparams": {"lr": 5e-5, "epochs": 100, "max_steps": steps, "batch_size": 32, "seed": i},
-             "pretrained_url": pretrained["url"], "pretrained_sha256": pretrained["sha256"]} for i in range(count)]
+             "pretrained": pretrained} for i in range(count)]
     started = time.time()
     if concurrent:
         processes = [subprocess.Popen([sys.executable, "-m", "model_soups.train"], stdin=subprocess.PIPE,
@@ -88,7 +88,7 @@ def main() -> None:
                "head": "random"}  # throughput does not depend on the head: no linear probe
     recipe = get_recipe("text", options)
     url = Layout(store, "gpu").pretrained("minilm")
-    pretrained = {"url": url, "sha256": store.save_checkpoint(url, recipe.make_pretrained())}
+    pretrained = {"url": url, "sha256": store.save_checkpoint(url, recipe.make_pretrained()), "fingerprint": "minilm"}
     rows = []
 
     sequential = finetunes(root, options, pretrained, count, steps, concurrent=False)

@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
 from model_soups.config import parse_config  # noqa: E402
-from model_soups.storage import Layout, Store, load_npz  # noqa: E402
+from model_soups.storage import Layout, Store  # noqa: E402
 
 METHODS = ["best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]
 
@@ -35,13 +35,13 @@ def correct_per_example(store: Store, layout: Layout, manifest: dict, kind: str,
     from model_soups.merge import Ingredient
 
     def stored(ingredient_id: str, s: str) -> dict:
-        return load_npz(store.read_bytes(layout.evaluation(ingredient_id, s, "npz")))
+        return store.read_arrays(layout.evaluation(ingredient_id, s, "npz"))
 
     if kind == "best_individual":
         data = stored(manifest["best_individual"], split)
     elif kind.endswith("_soup"):
         key = manifest["soups"][kind.removesuffix("_soup")]["record"].rsplit("/", 2)[-2]
-        data = load_npz(store.read_bytes(layout.soup(key, f"{split.replace(':', '_')}.npz")))
+        data = store.read_arrays(layout.soup_logits(key, split))
     else:
         val_accuracy = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
         ranked = [i.id for i in rank([Ingredient(i, "") for i in val_accuracy], val_accuracy)]
@@ -87,7 +87,7 @@ def evaluate_run(run_url: str) -> dict:
             row[f"{name}_vs_best"] = paired(correct, best)
         table[kind] = row
     table["greedy_soup"]["n_ingredients"] = len(manifest["soups"]["greedy"]["ingredients"])
-    test = [load_npz(store.read_bytes(layout.evaluation(i["id"], "test", "npz"))) for i in manifest["ingredients"]]
+    test = [store.read_arrays(layout.evaluation(i["id"], "test", "npz")) for i in manifest["ingredients"]]
     table["all"] = {"n_ingredients": len(manifest["ingredients"]), "val_size": len(correct_per_example(
         store, layout, manifest, "best_individual", "val")),
         "ingredients_test": [100 * float((d["logits"].argmax(1) == d["labels"]).mean()) for d in test]}

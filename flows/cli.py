@@ -15,7 +15,7 @@ from model_soups.storage import StorageError, Store
 
 def preflight(config: RunConfig) -> None:
     """Fail in seconds on a bad config or an unusable storage root, before any run starts."""
-    from model_soups.pipeline import make_plan
+    from model_soups.ingredients import make_plan
 
     plan = make_plan(config)
     Store(config.storage).check_writable(config.experiment)

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from model_soups.config import RunConfig
-from model_soups.pipeline import this_process_slot
+from model_soups.processes import this_process_slot
 from model_soups.recipes import get_recipe
-from tasks.pipeline import evaluate, finetune
+from model_soups.records import IngredientRecord, PretrainedRecord
+from model_soups.sweep import IngredientSpec
+from tasks.evaluation import evaluate
+from tasks.ingredients import finetune
 
 
 @flow(name="finetune")
-def finetune_ingredient(config: RunConfig, spec: dict[str, Any], pretrained: dict[str, Any]) -> dict[str, Any]:
+def finetune_ingredient(config: RunConfig, spec: IngredientSpec, pretrained: PretrainedRecord) -> IngredientRecord:
     """Fine-tune one ingredient of a model-soup run; the result goes to the storage root, keyed by its id.
 
     With execution.evaluate_on = finetune-worker it is also evaluated here, on this worker's device, and the
     orchestrating run then finds every evaluation stored.
     """
     meta = finetune(config, pretrained, spec, this_process_slot())
-    if config.execution.evaluate_on == "finetune-worker" and meta["status"] == "completed":
+    if config.execution.evaluate_on == "finetune-worker" and meta.status == "completed":
         for split in get_recipe(config.recipe.name, config.recipe.options).splits():
             evaluate(config, meta, split)
     return meta

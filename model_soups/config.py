@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator,
+                      model_validator)
+
+from model_soups.recipes import RECIPES
+from model_soups.recipes.digits import DigitsOptions
+from model_soups.recipes.text import TextOptions
+from model_soups.soups import SOUP_METHODS
+from model_soups.validation import ConfigError, describe_validation_error
+
+# The soup methods registered in soups.py: the allowed values here, in YAML, `--set` flags and the Prefect form.
+SoupMethodName = Literal[tuple(SOUP_METHODS)]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # user:password@ in a URL, or a signed or token query parameter (presigned S3 URLs, SAS tokens)
 URL_CREDENTIALS = re.compile(r"://[^/@\s]+:[^/@\s]*@|[?&](X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential|sig|token|"
                              r"access_token|api_key)=", re.IGNORECASE)
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what is allowed."""
 
 
 class Strict(BaseModel):
@@ -56,9 +62,42 @@ class StorageConfig(Strict):
         return data
 
 
-class RecipeConfig(Strict):
-    name: str = Field("digits", description="a registered recipe (digits, text) or 'package.module:Class'")
-    options: dict[str, Any] = Field(default_factory=dict, description="recipe options; see the recipe")
+class DigitsRecipe(Strict):
+    """The embedded default: scikit-learn's handwritten digits, from a start pretrained on printed digits."""
+
+    name: Literal["digits"] = "digits"
+    options: DigitsOptions = Field(default_factory=DigitsOptions)
+
+
+class TextRecipe(Strict):
+    """A transformers encoder (all-MiniLM-L6-v2 by default) fine-tuned on your CSV/TSV/parquet files."""
+
+    name: Literal["text"]
+    options: TextOptions = Field(default_factory=TextOptions)
+
+
+class CustomRecipe(Strict):
+    """Your own Recipe subclass, named by its import path."""
+
+    name: str = Field(description="'package.module:Class' of a model_soups.recipes.Recipe subclass")
+    options: dict[str, Any] = Field(default_factory=dict, description="that recipe's options")
+
+    @field_validator("name")
+    @classmethod
+    def _import_path(cls, name: str) -> str:
+        if not re.fullmatch(r"[\w.]+:\w+", name):
+            raise ValueError(f"unknown recipe {name!r}; registered: {', '.join(RECIPES)}, or 'package.module:Class'")
+        return name
+
+
+def _recipe_tag(value: Any) -> str:
+    name = value.get("name", "digits") if isinstance(value, dict) else getattr(value, "name", "digits")
+    return name if name in RECIPES else "custom"
+
+
+# One recipe section per built-in recipe, told apart by `name`: the Prefect form shows each one's own options.
+RecipeConfig = Annotated[Union[Annotated[DigitsRecipe, Tag("digits")], Annotated[TextRecipe, Tag("text")],
+                               Annotated[CustomRecipe, Tag("custom")]], Discriminator(_recipe_tag)]
 
 
 class Range(Strict):
@@ -90,10 +129,8 @@ class SearchSpace(Strict):
 
 
 class SoupOptions(Strict):
-    methods: list[Literal["uniform", "greedy", "learned"]] = Field(
-        default_factory=lambda: ["uniform", "greedy", "learned"], description="which soups to cook"
-    )
-    final: Literal["uniform", "greedy", "learned"] = Field("greedy", description="the soup that is published")
+    methods: list[SoupMethodName] = Field(default_factory=lambda: list(SOUP_METHODS), description="which soups to cook")
+    final: SoupMethodName = Field("greedy", description="the soup that is published")
     rule: Literal[">=", ">"] = Field(
         ">=", description="greedy acceptance: the paper's >= (ties accepted) or the official code's >"
     )
@@ -133,7 +170,8 @@ class RunConfig(Strict):
 
     experiment: str = Field("digits-demo", pattern=NAME_PATTERN, description="groups ingredients and runs")
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    recipe: RecipeConfig = Field(default_factory=DigitsRecipe, json_schema_extra=lambda schema: schema.update(
+        anyOf=schema.pop("oneOf")))  # the Prefect form offers an anyOf of objects as a choice between them
     sweep: SearchSpace = Field(default_factory=SearchSpace)
     soup: SoupOptions = Field(default_factory=SoupOptions)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
@@ -166,43 +204,11 @@ def _strings(value: Any, path: str = "") -> list[tuple[str, str]]:
     return []
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        field = ".".join(_shown(part) for part in item["loc"]) or "config"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
-            parent = _model_at(item["loc"][:-1])
-            if parent is not None:
-                message += f"; allowed: {', '.join(parent.model_fields)}"
-        elif item["type"] == "literal_error":
-            message = f"{message} (got {item.get('input')!r})"
-        lines.append(f"{field}: {message}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _shown(part: Any) -> str:
-    """A field name as typed, or quoted when it is empty or holds anything unusual (a newline, a dot, a colon)."""
-    return str(part) if re.fullmatch(r"[\w-]+", str(part)) else repr(part)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
 def parse_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from None
+        raise ConfigError(describe_validation_error(error, RunConfig)) from None
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -1,13 +1,24 @@
-"""Metrics and logits for one model on one split."""
+"""Metrics and logits for one model on one split, and the one way they are stored: logits and labels as
+npz (ensembles and paired comparisons read them back; no second forward pass), metrics as JSON."""
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import numpy as np
 import torch
+from scipy.special import log_softmax
 
-from model_soups.recipes import SplitData, logits_of
+from model_soups.recipes import Recipe, SplitData, logits_of
+from model_soups.records import EvaluationRecord, IngredientRecord, Metrics, reuse_or_build
+from model_soups.storage import Layout, StorageError, Store
 
 ECE_BINS = 15
+
+
+def evaluation_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @torch.no_grad()
@@ -24,26 +35,52 @@ def predict(model: torch.nn.Module, data: SplitData, batch_size: int = 256, devi
     return logits.numpy()
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
     """Accuracy, negative log-likelihood and expected calibration error (15 equal-width bins)."""
-    log_probs = log_softmax(logits.astype(np.float64))
+    log_probs = log_softmax(logits.astype(np.float64), axis=1)
     probs = np.exp(log_probs)
-    predictions = probs.argmax(axis=1)
-    correct = predictions == labels
+    correct = probs.argmax(axis=1) == labels
     confidence = probs.max(axis=1)
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
     ece = sum(
         abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
         for b in range(ECE_BINS) if (bins == b).any()
     )
-    return {
-        "accuracy": float(correct.mean()),
-        "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
-        "ece": float(ece),
-        "n": int(len(labels)),
-    }
+    return Metrics(accuracy=float(correct.mean()), nll=float(-log_probs[np.arange(len(labels)), labels].mean()),
+                   ece=float(ece), n=int(len(labels)))
+
+
+def evaluate_and_store(store: Store, logits_url: str, model: torch.nn.Module, data: SplitData, batch_size: int) -> Metrics:
+    logits = predict(model, data, batch_size, evaluation_device())
+    store.write_arrays(logits_url, logits=logits, labels=data.labels.numpy())
+    return metrics(logits, data.labels.numpy())
+
+
+def load_model(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = recipe.build_model()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: IngredientRecord, split: str,
+                        log: Callable[[str], None]) -> EvaluationRecord:
+    """Metrics of one ingredient on one split, reused when stored for the same checkpoint."""
+    json_url, npz_url = (layout.evaluation(meta.id, split, suffix) for suffix in ("json", "npz"))
+
+    def verify(stored: EvaluationRecord) -> None:
+        if stored.checkpoint_sha256 != meta.sha256:
+            raise StorageError(f"{json_url}: evaluates another checkpoint ({stored.checkpoint_sha256[:12]}...)")
+        if not store.exists(npz_url):
+            raise StorageError(f"{npz_url}: missing")
+
+    def build() -> EvaluationRecord:
+        started = time.time()
+        model = load_model(recipe, store.load_checkpoint(meta.checkpoint, meta.sha256))
+        result = evaluate_and_store(store, npz_url, model, recipe.dataset(split), recipe.eval_batch_size)
+        record = EvaluationRecord(id=meta.id, split=split, checkpoint_sha256=meta.sha256, **result.model_dump(),
+                                  seconds=round(time.time() - started, 4))
+        record.write(store, json_url)
+        log(f"ingredient {meta.id} on {split}: accuracy {record.accuracy:.4f}")
+        return record
+
+    return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}", log)

@@ -72,109 +72,69 @@ def open_all(store: Store, ingredients: Sequence[Ingredient], stack: ExitStack,
     return readers
 
 
-def weighted_average(
-    store: Store,
-    ingredients: Sequence[Ingredient],
-    weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-    accumulate: torch.dtype = torch.float32,
-    reference: Mapping[str, TensorInfo] | None = None,
-    device: str = "cpu",
-) -> dict[str, torch.Tensor]:
-    """sum_i w_i * theta_i / sum_i w_i for every floating tensor, streamed; `weights` may differ per key.
+Weights = Sequence[float] | Mapping[str, Sequence[float]]
 
-    With equal weights this computes (theta_1 + ... + theta_k) / k in ingredient order, bit for bit
-    what the greedy soup's running sum evaluates. The sums run on `device`; the soup comes back on the CPU.
+
+def weight_of(weights: Weights, name: str) -> Sequence[float]:
+    return weights[name] if isinstance(weights, Mapping) else weights
+
+
+def weighted_sum(store: Store, ingredients: Sequence[Ingredient], weights: Weights | None = None,
+                 accumulate: torch.dtype = torch.float32, reference: Mapping[str, TensorInfo] | None = None,
+                 onto: Mapping[str, torch.Tensor] | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """sum_i w_i * theta_i for every floating tensor, in the accumulation dtype, added onto the running sum `onto`
+    (left unchanged) when given. Integer and boolean buffers come from `onto`, else from the first ingredient.
+
+    The one streamed weighted sum every soup uses. It reads one checkpoint at a time front to back: an object
+    store serves few large sequential reads far better than one ranged request per tensor per checkpoint, and
+    memory is the running sum (one model in the accumulation dtype) and one tensor, whatever N is.
     """
-    if not ingredients:
-        raise ValueError("a soup needs at least one ingredient")
     weights = [1.0] * len(ingredients) if weights is None else weights
-    if store.protocol != "file":
-        return _weighted_average_by_file(store, ingredients, weights, accumulate, reference, device)
-    soup: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        readers = open_all(store, ingredients, stack, reference)
-        largest = max(info.end - info.begin for info in readers[0].info.values()) if readers[0].info else 0
-        scratch = torch.empty(largest, dtype=torch.uint8)  # every read but the first of a tensor lands here
-        for name, info in readers[0].info.items():
-            if not info.dtype.is_floating_point:
-                soup[name] = readers[0].tensor(name)
-                continue
-            key_weights = weights[name] if isinstance(weights, Mapping) else weights
-            total = None
-            for reader, weight in zip(readers, key_weights):
-                tensor = reader.tensor(name, scratch if total is not None else None).to(device, non_blocking=True)
-                term = tensor.to(accumulate) if weight == 1.0 else tensor.to(accumulate) * weight
-                total = term if total is None else total.add_(term)
-            soup[name] = finish(store, ingredients, name, total, key_weights, info)
-    return soup
-
-
-def finish(store: Store, ingredients: Sequence[Ingredient], name: str, total: torch.Tensor,
-           key_weights: Sequence[float], info: TensorInfo) -> torch.Tensor:
-    """A weighted sum becomes the soup's tensor: checked once (NaN and Inf survive a sum, so one check
-    covers all N ingredients) and divided in place, so no second model-sized allocation builds up."""
-    if not torch.isfinite(total).all():
-        name_non_finite(store, ingredients, name)
-    return total.div_(float(sum(key_weights))).to(info.dtype).cpu()
-
-
-def _weighted_average_by_file(store, ingredients, weights, accumulate, reference, device) -> dict[str, torch.Tensor]:
-    """The same sums, one checkpoint at a time read front to back: an object store serves few large
-    sequential reads far better than one ranged request per tensor per checkpoint. Memory is the running
-    sum (one model in the accumulation dtype) and one read buffer, whatever N is."""
     with ExitStack() as stack:  # every header is checked before any tensor is read (no sha256 yet: no extra read)
-        unverified = [Ingredient(i.id, i.url) for i in ingredients]
-        headers = [reader.info for reader in open_all(store, unverified, stack, reference)]
-    total: dict[str, torch.Tensor] = {}
+        header = open_all(store, [Ingredient(i.id, i.url) for i in ingredients], stack, reference)[0].info
+    total = dict(onto or {})
+    owned: set[str] = set()  # sums this call allocated, so they may be added to in place
     for i, ingredient in enumerate(ingredients):
         with store.open_checkpoint(ingredient.url, ingredient.sha256, sequential=True) as reader:
-            for name, info in headers[0].items():
+            for name, info in header.items():
                 tensor = reader.tensor(name)
                 if not info.dtype.is_floating_point:
                     total.setdefault(name, tensor)
                     continue
-                weight = (weights[name] if isinstance(weights, Mapping) else weights)[i]
+                weight = weight_of(weights, name)[i]
                 term = tensor.to(device).to(accumulate) if weight == 1.0 else tensor.to(device).to(accumulate) * weight
-                total[name] = term if i == 0 else total[name].add_(term)
-    soup = {}
-    for name, info in headers[0].items():
-        value = total.pop(name)
-        if info.dtype.is_floating_point:
-            value = finish(store, ingredients, name, value, weights[name] if isinstance(weights, Mapping) else weights, info)
-        soup[name] = value
-    return soup
+                if name in owned:
+                    total[name].add_(term)
+                else:
+                    total[name] = term if name not in total else total[name] + term
+                    owned.add(name)
+    for name in owned:  # NaN and Inf survive a sum: one check covers every ingredient
+        if not torch.isfinite(total[name]).all():
+            name_non_finite(store, ingredients, name)
+    return total
 
 
-def add_into(total: dict[str, torch.Tensor], store: Store, ingredient: Ingredient,
-             reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """A new running sum: `total` plus one more checkpoint (integer buffers kept from `total`)."""
+def mean_of(value: torch.Tensor, divisor: float, dtype: torch.dtype) -> torch.Tensor:
+    """A sum divided into the soup's tensor, in the checkpoint's own dtype, on the CPU."""
+    return (value / divisor).to(dtype).cpu() if dtype.is_floating_point else value
+
+
+def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: Weights | None = None,
+                     accumulate: torch.dtype = torch.float32, reference: Mapping[str, TensorInfo] | None = None,
+                     device: str = "cpu") -> dict[str, torch.Tensor]:
+    """sum_i w_i * theta_i / sum_i w_i, streamed; `weights` may differ per key.
+
+    With equal weights this computes (theta_1 + ... + theta_k) / k in ingredient order, bit for bit what the
+    greedy soup's running sum evaluates. The sums run on `device`; the soup comes back on the CPU.
+    """
+    if not ingredients:
+        raise ValueError("a soup needs at least one ingredient")
+    weights = [1.0] * len(ingredients) if weights is None else weights
     with ExitStack() as stack:
-        (reader,) = open_all(store, [ingredient], stack, reference, sequential=True)
-        out = {}
-        for name, value in total.items():
-            if value.is_floating_point():
-                out[name] = value + reader.tensor(name).to(value.dtype)
-                if not torch.isfinite(out[name]).all():
-                    name_non_finite(store, [ingredient], name)
-            else:
-                out[name] = value
-    return out
-
-
-def load_accumulator(store: Store, ingredient: Ingredient, accumulate: torch.dtype = torch.float32,
-                     reference: Mapping[str, TensorInfo] | None = None) -> dict[str, torch.Tensor]:
-    with ExitStack() as stack:
-        (reader,) = open_all(store, [ingredient], stack, reference, sequential=True)
-        out = {}
-        for name, tensor in reader.tensors():
-            check_finite(name, tensor, reader.url)
-            out[name] = tensor.to(accumulate) if tensor.is_floating_point() else tensor
-    return out
-
-
-def divide(total: dict[str, torch.Tensor], count: int, dtypes: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    return {name: (value / float(count)).to(dtypes[name].dtype) if value.is_floating_point() else value
-            for name, value in total.items()}
+        dtypes = {name: info.dtype for name, info in open_all(store, ingredients[:1], stack, reference)[0].info.items()}
+    total = weighted_sum(store, ingredients, weights, accumulate, reference, device=device)
+    # popped one by one, so the sums and the soup never both exist in full
+    return {name: mean_of(total.pop(name), float(sum(weight_of(weights, name))), dtype) for name, dtype in dtypes.items()}
 
 
 def delta_cosines(store: Store, pretrained: Ingredient, ingredients: Sequence[Ingredient]) -> np.ndarray:

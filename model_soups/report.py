@@ -7,23 +7,25 @@ redraws everything without recomputing anything.
 from __future__ import annotations
 
 import base64
-import html
 import io
 from typing import Any
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from markdown_it import MarkdownIt  # noqa: E402
 
-from model_soups.storage import Store  # noqa: E402
+from model_soups.soups import SOUP_METHODS  # noqa: E402
+from model_soups.storage import RunFolder, Store  # noqa: E402
 
 COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]
-METHOD_KINDS = ["best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]
-COLORS = {"best_individual": "#444444", "uniform_soup": "#1f77b4", "greedy_soup": "#d62728",
-          "learned_soup": "#9467bd", "ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
+COLORS = {"best_individual": "#444444", **{m.kind: m.color for m in SOUP_METHODS.values()},
+          "ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
+METHOD_KINDS = list(COLORS)
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -149,14 +151,16 @@ def what_happened(results: pd.DataFrame, trajectory: list[dict[str, Any]]) -> st
 
 
 def read_results(store: Store, run_url: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(store.read_bytes(f"{run_url}/results.csv")))
+    return pd.read_csv(io.BytesIO(store.read_bytes(RunFolder(run_url).file("results.csv"))))
 
 
 def build_report(store: Store, run_url: str) -> dict[str, str]:
     """Write report.md, report.html and figures/*.png into the run folder; return their URLs."""
+    run = RunFolder(run_url)
     results = read_results(store, run_url)
-    manifest = store.read_json(f"{run_url}/manifest.json")
-    cosine = store.read_json(f"{run_url}/cosine.json") if store.exists(f"{run_url}/cosine.json") else {"ids": [], "matrix": []}
+    manifest = store.read_json(run.manifest)
+    cosine_url = run.file("cosine.json")
+    cosine = store.read_json(cosine_url) if store.exists(cosine_url) else {"ids": [], "matrix": []}
     trajectory = manifest.get("greedy_trajectory", [])
     figures = {
         "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
@@ -166,7 +170,7 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
     }
     figures = {name: item for name, item in figures.items() if item[1] is not None}
     for name, (_, png) in figures.items():
-        store.write_bytes(f"{run_url}/figures/{name}.png", png)
+        store.write_bytes(run.figure(name), png)
 
     table = summary(results)
     ingredients = results[(results.kind == "ingredient")].pivot_table(index="model", columns="split", values="accuracy") * 100
@@ -186,34 +190,22 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
     markdown = ["# Model soup report", ""]
     for title, body in sections:
         markdown += [f"## {title}", "", body, ""]
-    markdown += ["## Figures", ""] + [f"![{title}](figures/{name}.png)" for name, (title, _) in figures.items()]
-    store.write_bytes(f"{run_url}/report.md", "\n".join(markdown).encode())
-
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Model soup report</title><style>",
-             "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
-             "<h1>Model soup report</h1>"]
-    for title, body in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(_markdown_table_html(body) if body.startswith("|") else f"<p>{_inline(body)}</p>")
-    for name, (title, png) in figures.items():
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    parts.append("</body></html>")
-    store.write_bytes(f"{run_url}/report.html", "".join(parts).encode())
-    return {"report.md": f"{run_url}/report.md", "report.html": f"{run_url}/report.html"}
+    figure_links = ["## Figures", ""] + [f"![{title}](figures/{name}.png)" for name, (title, _) in figures.items()]
+    store.write_bytes(run.file("report.md"), "\n".join(markdown + figure_links).encode())
+    # the same markdown as HTML, with the figures inside the page: report.html is one self-contained file
+    page = HTML.render(body=MARKDOWN.render("\n".join(markdown)), figures=[
+        (name, title, base64.b64encode(png).decode()) for name, (title, png) in figures.items()])
+    store.write_bytes(run.file("report.html"), page.encode())
+    return {"report.md": run.file("report.md"), "report.html": run.file("report.html")}
 
 
-def _inline(text: str) -> str:
-    escaped = html.escape(text).replace("\n", "<br>")
-    parts = escaped.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)).replace("**", "")
-
-
-def _markdown_table_html(table: str) -> str:
-    rows = [line.strip("|").split(" | ") for line in table.splitlines() if not line.startswith("|---")]
-    head, *body = rows
-    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
-    out = [f"<table><tr>{cells}</tr>"]
-    for row in body:
-        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>")
-    return "".join(out) + "</table>"
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+HTML = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
+<html><head><meta charset="utf-8"><title>Model soup report</title><style>
+body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}
+</style></head><body>
+{{ body | safe }}
+{% for name, title, png in figures %}<h2>{{ title }}</h2><img alt="{{ name }}" src="data:image/png;base64,{{ png }}">
+{% endfor %}</body></html>
+""")

@@ -7,18 +7,20 @@ weights are then applied by the streamed `merge.weighted_average`, so every soup
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import log_softmax
 from torch.func import functional_call
 
-from model_soups.config import SoupOptions
-from model_soups.evaluate import log_softmax
-from model_soups.merge import Ingredient, add_into, divide, load_accumulator
+from model_soups.merge import Ingredient, mean_of, weighted_sum
 from model_soups.recipes import SplitData, logits_of
 from model_soups.storage import Store, TensorInfo
+
+if TYPE_CHECKING:  # the config takes its list of soup methods from this module's registry
+    from model_soups.config import SoupOptions
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 
@@ -46,13 +48,26 @@ class SoupContext:
     eval_batch_size: int = 256
 
 
-SOUP_METHODS: dict[str, Callable[[SoupContext], Soup]] = {}
+@dataclass(frozen=True)
+class SoupMethod:
+    name: str
+    cook: Callable[[SoupContext], Soup]
+    color: str  # in the report's figures
+
+    @property
+    def kind(self) -> str:
+        """Its `kind` in results.csv."""
+        return f"{self.name}_soup"
 
 
-def soup_method(name: str):
-    def register(fn: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
-        SOUP_METHODS[name] = fn
-        return fn
+# The one registry: the config's allowed methods, results.csv's kinds and the report's colours all come from it.
+SOUP_METHODS: dict[str, SoupMethod] = {}
+
+
+def soup_method(name: str, color: str):
+    def register(cook: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
+        SOUP_METHODS[name] = SoupMethod(name, cook, color)
+        return cook
     return register
 
 
@@ -64,21 +79,22 @@ def rank(ingredients: Sequence[Ingredient], val_accuracy: Mapping[str, float]) -
     return sorted(ingredients, key=lambda i: -val_accuracy[i.id])  # stable: ties keep sweep order
 
 
-@soup_method("uniform")
+@soup_method("uniform", color="#1f77b4")
 def uniform_soup(ctx: SoupContext) -> Soup:
     return Soup("uniform", list(ctx.ranked), [1.0] * len(ctx.ranked))
 
 
-@soup_method("greedy")
+@soup_method("greedy", color="#d62728")
 def greedy_soup(ctx: SoupContext) -> Soup:
     """Recipe 1 of the paper: add the next-best ingredient if val accuracy does not drop. N-1 evaluations."""
     accumulate = ACCUMULATE[ctx.options.accumulate]
     best, *rest = ctx.ranked
-    chosen, total, best_score = [best], load_accumulator(ctx.store, best, accumulate, ctx.reference), ctx.val_accuracy[best.id]
+    chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, accumulate, ctx.reference), ctx.val_accuracy[best.id]
     trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
     for ingredient in rest:
-        candidate = add_into(total, ctx.store, ingredient, ctx.reference)
-        score = ctx.score(divide(candidate, len(chosen) + 1, ctx.reference), len(chosen) + 1)
+        candidate = weighted_sum(ctx.store, [ingredient], None, accumulate, ctx.reference, onto=total)
+        average = {name: mean_of(value, float(len(chosen) + 1), ctx.reference[name].dtype) for name, value in candidate.items()}
+        score = ctx.score(average, len(chosen) + 1)
         accepted = accepts(score, best_score, ctx.options.rule)
         if accepted:
             chosen, total, best_score = chosen + [ingredient], candidate, score
@@ -87,10 +103,10 @@ def greedy_soup(ctx: SoupContext) -> Soup:
     return Soup("greedy", chosen, [1.0] * len(chosen), trajectory)
 
 
-@soup_method("learned")
+@soup_method("learned", color="#9467bd")
 def learned_soup(ctx: SoupContext) -> Soup:
     """Mixing weights (softmax of logits, global or one set per tensor) fitted on val by gradient descent."""
-    loaded = [load_accumulator(ctx.store, i, torch.float32, ctx.reference) for i in ctx.ranked]
+    loaded = [weighted_sum(ctx.store, [i], None, torch.float32, ctx.reference) for i in ctx.ranked]
     stacks = {name: torch.stack([state[name] for state in loaded]) for name in loaded[0] if loaded[0][name].is_floating_point()}
     fixed = {name: value for name, value in loaded[0].items() if name not in stacks}
     del loaded
@@ -121,29 +137,33 @@ def mix(stacks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor])
     return {name: torch.tensordot(weights[name], stack, dims=1) for name, stack in stacks.items()}
 
 
-@torch.no_grad()
+class _KeywordInputs(torch.nn.Module):
+    """`update_bn` calls `model(batch)`; our models take their inputs as keyword arguments."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+
 def recompute_batchnorm(model: torch.nn.Module, data: SplitData, batch_size: int = 256) -> bool:
-    """Re-estimate BatchNorm running statistics on `data` (as torch.optim.swa_utils.update_bn)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    """Re-estimate BatchNorm running statistics on `data` with `torch.optim.swa_utils.update_bn` (a cumulative
+    average over all batches); False when the model has no BatchNorm."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
-    momenta = {m: m.momentum for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all batches
     device = next(model.parameters()).device
-    model.train()
-    for start in range(0, len(data), batch_size):
-        model(**{name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()})
-    for m, momentum in momenta.items():
-        m.momentum = momentum
+    batches = ({name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()}
+               for start in range(0, len(data), batch_size))
+    torch.optim.swa_utils.update_bn(batches, _KeywordInputs(model))
     model.eval()
     return True
 
 
 def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
     """Log of the mean predicted probability of the members: an output ensemble, as log-probabilities."""
-    probs = np.mean([np.exp(log_softmax(x.astype(np.float64))) for x in logits], axis=0)
+    probs = np.mean([np.exp(log_softmax(x.astype(np.float64), axis=1)) for x in logits], axis=0)
     return np.log(np.clip(probs, 1e-300, None))
 
 
@@ -160,3 +180,4 @@ def greedy_ensemble(ranked: Sequence[str], val_logits: Mapping[str, np.ndarray],
         if accepts(score, best, rule):
             chosen, best = chosen + [member], score
     return chosen
+

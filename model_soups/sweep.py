@@ -6,21 +6,20 @@ import hashlib
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_soups.config import ConfigError, Range, SearchSpace, describe_validation_error
 from model_soups.recipes import Recipe, stable_hash
 
 
-@dataclass(frozen=True)
-class IngredientSpec:
+class IngredientSpec(BaseModel):
     """One ingredient: fine-tuned from the pretrained start with `hparams`, or an existing checkpoint."""
 
+    model_config = ConfigDict(frozen=True)
     id: str
-    hparams: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
 
 
@@ -52,10 +51,10 @@ def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[Ingredi
     for sample in samples:
         hparams = validate_hparams(recipe, sample)
         spec_id = ingredient_id(recipe, fingerprint, hparams)
-        specs.setdefault(spec_id, IngredientSpec(spec_id, hparams))
+        specs.setdefault(spec_id, IngredientSpec(id=spec_id, hparams=hparams))
     for url in space.checkpoints:
         spec_id = "ckpt-" + hashlib.sha256(url.encode()).hexdigest()[:12]
-        specs.setdefault(spec_id, IngredientSpec(spec_id, checkpoint=url))
+        specs.setdefault(spec_id, IngredientSpec(id=spec_id, checkpoint=url))
     if not specs:
         raise ConfigError("empty sweep: no ingredients. Give sweep.n >= 1, sweep.params with values, or sweep.checkpoints")
     return list(specs.values())
@@ -65,7 +64,7 @@ def validate_hparams(recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
     try:
         hparams = recipe.Hyperparameters.model_validate(sample)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error).replace("invalid config:", "invalid sweep.params:")) from None
+        raise ConfigError(describe_validation_error(error, recipe.Hyperparameters, "invalid sweep.params", "sweep.params.")) from None
     if hparams.mixup > 0 and not recipe.supports_mixup:
         raise ConfigError(f"sweep.params.mixup: recipe {recipe.name!r} does not support mixup; use 0")
     if hparams.augment > 0 and not recipe.supports_augment:

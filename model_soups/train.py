@@ -6,20 +6,20 @@ separate process pinned to one device slot, so a crash or an out-of-memory kills
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_soups.config import StorageConfig
+from model_soups.ingredients import has_result
 from model_soups.recipes import Hyperparameters, Recipe, get_recipe, logits_of
+from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, FinetuneJob, IngredientRecord
 from model_soups.storage import Layout, Lease, Store, StorageUnavailable
 
 
@@ -45,7 +45,7 @@ def finetune(
     model = recipe.build_model()
     model.load_state_dict(pretrained)
     model.to(device).train()
-    train = recipe.load_split("train")
+    train = recipe.dataset("train")
     steps_per_epoch = math.ceil(len(train) / hp.batch_size)
     total = steps_per_epoch * hp.epochs if hp.max_steps is None else min(hp.max_steps, steps_per_epoch * hp.epochs)
     warmup = int(hp.warmup_fraction * total)
@@ -110,54 +110,47 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
 
 
-BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease, or has just finished it
-STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
-
-
-def run_job(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any] | None:
+def run_job(job: FinetuneJob, log: Callable[[str], None] = print) -> IngredientRecord | None:
     """Fine-tune one ingredient under its lease; None if another process is training it or has just finished it."""
-    store = Store(StorageConfig.model_validate(job["storage"]))
-    layout = Layout(store, job["experiment"])
-    lease = Lease(store, layout.lease(job["id"]), job["lease_s"])
+    store = Store(job.storage)
+    layout = Layout(store, job.experiment)
+    lease = Lease(store, layout.lease(job.id), job.lease_s)
     if not lease.acquire():
-        log(f"{job['id']}: busy, another process holds {layout.lease(job['id'])}")
+        log(f"{job.id}: busy, another process holds {layout.lease(job.id)}")
         return None
     try:
         # checked again under the lease: another process may have finished it since the caller looked
-        if layout.has_result(job["id"]):
-            log(f"{job['id']}: finished by another process meanwhile")
+        if has_result(store, layout, job.id):
+            log(f"{job.id}: finished by another process meanwhile")
             return None
         return _train_and_store(job, store, layout, log)
     finally:
         lease.release()
 
 
-def _train_and_store(job: dict[str, Any], store: Store, layout: Layout, log: Callable[[str], None]) -> dict[str, Any]:
+def _train_and_store(job: FinetuneJob, store: Store, layout: Layout, log: Callable[[str], None]) -> IngredientRecord:
     """Checkpoint first, then meta.json: the meta file is the completion record, with the checkpoint's sha256."""
-    recipe = get_recipe(job["recipe"]["name"], job["recipe"]["options"])
-    hp = recipe.Hyperparameters.model_validate(job["hparams"])
+    recipe = get_recipe(job.recipe.name, job.recipe.options)
+    hp = recipe.Hyperparameters.model_validate(job.hparams)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pretrained = store.load_checkpoint(job["pretrained_url"], job["pretrained_sha256"])
+    pretrained = store.load_checkpoint(job.pretrained.url, job.pretrained.sha256)
     started = time.time()
     result = finetune(recipe, pretrained, hp, device, log)
-    meta = {
-        "id": job["id"], "status": result.status, "reason": result.reason, "hparams": hp.model_dump(),
-        "recipe": recipe.describe(), "pretrained_url": job["pretrained_url"],
-        "pretrained_sha256": job["pretrained_sha256"], "steps": result.steps, "curve": result.curve,
-        "seconds": round(time.time() - started, 3), "device": device, "slot": job.get("slot", device),
-        "versions": versions(),
-    }
-    if result.state is not None:
-        meta["checkpoint"] = layout.checkpoint(job["id"])
-        meta["sha256"] = store.save_checkpoint(meta["checkpoint"], result.state, {"ingredient": job["id"]})
-    store.write_json(layout.meta(job["id"]), meta)
-    log(f"{job['id']}: {result.status} after {result.steps} steps in {meta['seconds']:.1f}s {result.reason}")
+    checkpoint = layout.checkpoint(job.id) if result.state is not None else None
+    sha = store.save_checkpoint(checkpoint, result.state, {"ingredient": job.id}) if checkpoint else None
+    meta = IngredientRecord(
+        id=job.id, status=result.status, reason=result.reason, hparams=hp.model_dump(), checkpoint=checkpoint, sha256=sha,
+        recipe=recipe.describe(), pretrained_url=job.pretrained.url, pretrained_sha256=job.pretrained.sha256,
+        steps=result.steps, curve=result.curve, seconds=round(time.time() - started, 3), device=device, slot=job.slot,
+        versions=versions())
+    meta.write(store, layout.meta(job.id))
+    log(f"{job.id}: {result.status} after {result.steps} steps in {meta.seconds:.1f}s {result.reason}")
     return meta
 
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-    job = json.loads(sys.stdin.read())
+    job = FinetuneJob.model_validate_json(sys.stdin.read())
     try:
         result = run_job(job, log=lambda line: print(line, flush=True))
     except StorageUnavailable as error:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from model_soups import pipeline
+import pytest
+
 from model_soups.config import parse_config
+from model_soups.cooking import cook_soup
+from model_soups.evaluate import evaluate_ingredient
+from model_soups.ingredients import ensure_pretrained, make_plan, open_storage, train_ingredient
+from model_soups.processes import device_slots
 from tests.conftest import small_digits
+
+pytestmark = pytest.mark.slow
 
 
 def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invariant(tmp_path):
@@ -15,17 +22,17 @@ def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invari
     data["soup"] = {"methods": ["greedy"], "final": "greedy", "recompute_bn": True, "recompute_bn_examples": 300}
     config = parse_config(data)
     log = lambda line: None  # noqa: E731
-    plan = pipeline.make_plan(config)
-    store, layout = pipeline.open_storage(config)
-    pretrained = pipeline.ensure_pretrained(store, layout, plan, log)
-    slot = pipeline.device_slots(1)[0]
-    metas = [pipeline.train_ingredient(config, pretrained, spec, slot, log) for spec in plan.specs]
-    val_accuracy = {m["id"]: pipeline.evaluate_ingredient(store, layout, plan.recipe, m, "val", log)["accuracy"] for m in metas}
+    plan = make_plan(config)
+    store, layout = open_storage(config)
+    pretrained = ensure_pretrained(store, layout, plan, log)
+    slot = device_slots(1)[0]
+    metas = [train_ingredient(config, pretrained, spec, slot, log) for spec in plan.specs]
+    val_accuracy = {m.id: evaluate_ingredient(store, layout, plan.recipe, m, "val", log).accuracy for m in metas}
 
-    record = pipeline.cook_soup(config, plan.recipe, pretrained, metas, val_accuracy, "greedy", log)
+    record = cook_soup(config, plan.recipe, pretrained, metas, val_accuracy, "greedy", log)
 
-    published_val = record["metrics"]["val"]["accuracy"]
-    accepted = [step for step in record["trajectory"] if step["accepted"]]
-    assert len(accepted) >= 2 and record["batchnorm"] == "recomputed on 300 train examples"
+    published_val = record.metrics["val"].accuracy
+    accepted = [step for step in record.trajectory if step["accepted"]]
+    assert len(accepted) >= 2 and record.batchnorm == "recomputed on 300 train examples"
     assert published_val == accepted[-1]["soup_val"]
     assert published_val >= max(val_accuracy.values())

@@ -16,10 +16,10 @@ def test_metrics_match_hand_computed_values():
     logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]))
     labels = np.array([0, 1, 1, 1])
     result = metrics(logits, labels)
-    assert result["accuracy"] == pytest.approx(0.75)
-    assert result["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
+    assert result.accuracy == pytest.approx(0.75)
+    assert result.nll == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
     # four bins with one example each: |acc - conf| averaged with weight 1/4
-    assert result["ece"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.2) / 4)
+    assert result.ece == pytest.approx((0.1 + 0.6 + 0.3 + 0.2) / 4)
 
 
 def test_batchnorm_statistics_are_re_estimated_on_the_given_data():

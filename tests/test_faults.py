@@ -9,8 +9,10 @@ import pytest
 
 from flows.model_soup import model_soup
 from model_soups.config import parse_config
-from model_soups.pipeline import completed_ingredient, open_storage
+from model_soups.ingredients import has_result, open_storage, stored_ingredient
 from tests.conftest import small_digits
+
+pytestmark = pytest.mark.slow
 
 FAULTS = {2: "crash", 3: "hang", 4: "oom", 5: "nan", 6: "crash-once"}
 REASONS = {"crash": "crashed: killed by SIGKILL", "hang": "hung: still running after execution.timeout_s=25s",
@@ -68,7 +70,7 @@ def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_pat
     config, _, metas, _ = faulty_run
     store, layout = open_storage(config)
     logged = []
-    assert completed_ingredient(store, layout, metas[2]["id"], logged.append) is None
+    assert stored_ingredient(store, layout, metas[2]["id"], logged.append) is None
     assert "an earlier attempt failed (crashed: killed by SIGKILL" in logged[0]
-    assert not layout.has_result(metas[2]["id"])
-    assert layout.has_result(metas[5]["id"])  # diverged is final
+    assert not has_result(store, layout, metas[2]["id"])
+    assert has_result(store, layout, metas[5]["id"])  # diverged is final

@@ -15,6 +15,8 @@ from model_soups.config import StorageConfig, parse_config
 from model_soups.storage import Store
 from tests.conftest import small_digits
 
+pytestmark = pytest.mark.slow
+
 RUN_FILES = ["soup.safetensors", "manifest.json", "results.csv", "results.parquet", "report.md", "report.html"]
 
 
@@ -48,7 +50,9 @@ def test_run_folder_holds_soup_manifest_results_and_report(first_run):
     assert manifest["files"]["soup.safetensors"] == store.sha256(paths["soup"])
     for ingredient in manifest["ingredients"]:
         assert store.sha256(ingredient["checkpoint"]) == ingredient["sha256"]
-    assert "<img alt='greedy' src='data:image/png;base64," in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert '<img alt="greedy" src="data:image/png;base64,' in page  # one self-contained file
+    assert page.count("<table>") == 3 and "<code>greedy</code>" not in page and "<strong>greedy</strong>" in page
 
 
 def test_every_method_is_reported_on_test_and_every_ood_split(first_run):

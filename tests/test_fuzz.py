@@ -79,7 +79,7 @@ def test_any_set_override_is_valid_or_refused_naming_the_field(overrides):
     except ConfigError as error:
         message = str(error)
         named_by_flag = message.startswith("--set ")
-        firsts = [key.strip().split(".")[0] for key, _ in overrides]
+        firsts = [flag.partition("=")[0].strip().split(".")[0] for flag in flags]  # a key may itself hold a "="
         named_by_field = message.startswith("invalid config:") and any(
             first in message or repr(first) in message for first in firsts)
         assert named_by_flag or named_by_field, message
@@ -134,7 +134,7 @@ def test_experiment_names_cannot_escape_the_storage_root(tmp_path_factory, name)
         assert "experiment" in str(error)
         return
     layout = Layout(Store(config.storage), config.experiment)
-    for url in (layout.meta("id"), layout.run("run", "soup.safetensors"), layout.pretrained("fp")):
+    for url in (layout.meta("id"), layout.run("run").soup, layout.pretrained("fp")):
         path = os.path.normpath(url.removeprefix("file://"))
         assert path.startswith("/srv/soups/") and path.split("/")[3] == name
 

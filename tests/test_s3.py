@@ -16,6 +16,8 @@ from model_soups.config import parse_config
 from model_soups.storage import StorageUnavailable
 from tests.conftest import small_digits
 
+pytestmark = pytest.mark.slow
+
 
 SECRETS = ["config-key-AKIA7EXAMPLE", "config-secret-wJalrXUtnFEMI", "testing-key", "testing-secret"]
 

@@ -19,6 +19,8 @@ from model_soups.config import StorageConfig
 from model_soups.storage import Store
 from tests.conftest import free_port, small_digits
 
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_S = 10
 

@@ -130,8 +130,9 @@ def test_learned_soup_fits_weights_that_sum_to_one_per_tensor(store):
 
 
 def test_ensemble_from_stored_logits_equals_direct_forward_pass_ensemble(tmp_path):
-    from model_soups.pipeline import evaluate_ingredient
-    from model_soups.storage import Layout, load_npz
+    from model_soups.evaluate import evaluate_ingredient
+    from model_soups.records import IngredientRecord
+    from model_soups.storage import Layout
 
     store = Store(StorageConfig(root=f"file://{tmp_path}"))
     layout = Layout(store, "e")
@@ -141,13 +142,13 @@ def test_ensemble_from_stored_logits_equals_direct_forward_pass_ensemble(tmp_pat
     test = recipe.load_split("test")
     for i, model in enumerate(models):
         url = layout.checkpoint(f"m{i}")
-        meta = {"id": f"m{i}", "checkpoint": url, "sha256": store.save_checkpoint(url, model.state_dict())}
+        meta = IngredientRecord(id=f"m{i}", status="completed", checkpoint=url, sha256=store.save_checkpoint(url, model.state_dict()))
         evaluate_ingredient(store, layout, recipe, meta, "test", lambda _: None)
-    stored = [load_npz(store.read_bytes(layout.evaluation(f"m{i}", "test", "npz")))["logits"] for i in range(3)]
+    stored = [store.read_arrays(layout.evaluation(f"m{i}", "test", "npz"))["logits"] for i in range(3)]
     with torch.no_grad():
         direct = torch.stack([torch.softmax(m(test.inputs["x"]), 1) for m in models]).double().mean(0)
     assert np.allclose(np.exp(ensemble_logits(stored)), direct.numpy(), atol=1e-6)
-    assert metrics(ensemble_logits(stored), test.labels.numpy())["accuracy"] == pytest.approx(
+    assert metrics(ensemble_logits(stored), test.labels.numpy()).accuracy == pytest.approx(
         float((direct.argmax(1) == test.labels).double().mean()))
     # and the stored logits are what a forward pass gives
     assert np.allclose(stored[0], predict(models[0], test), atol=1e-6)

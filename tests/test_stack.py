@@ -17,7 +17,7 @@ import s3fs
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,20 @@ def test_invalid_parameter_is_refused_naming_the_field(deployed):
     assert "config.soup.rule" in output and "'=>' is not one of" in output
     (on_demand,) = api(deployed, "/deployments/filter", {"deployments": {"name": {"any_": ["on-demand"]}}})
     assert not api(deployed, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [on_demand["id"]]}}})
+
+
+def test_on_demand_form_shows_each_recipes_own_options_as_fields(deployed):
+    (on_demand,) = api(deployed, "/deployments/filter", {"deployments": {"name": {"any_": ["on-demand"]}}})
+    schema = on_demand["parameter_openapi_schema"]
+    definitions = schema["definitions"]
+    choices = definitions["RunConfig"]["properties"]["recipe"]["anyOf"]
+    assert [c["$ref"].rsplit("/", 1)[1] for c in choices] == ["DigitsRecipe", "TextRecipe", "CustomRecipe"]
+    assert definitions["DigitsRecipe"]["properties"]["name"]["const"] == "digits"
+    assert definitions["DigitsRecipe"]["properties"]["options"]["$ref"].endswith("/DigitsOptions")
+    width = definitions["DigitsOptions"]["properties"]["width"]
+    assert width["type"] == "integer" and width["minimum"] == 4 and "average" in width["description"]
+    assert "train" in definitions["TextOptions"]["properties"]
+    assert definitions["SoupOptions"]["properties"]["methods"]["items"]["enum"] == ["uniform", "greedy", "learned"]
 
 
 def worker_of(pid: int, workers: dict[int, str]) -> int | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,7 @@ def write_sentiment_files(folder: Path) -> dict[str, str]:
     return {"train": str(folder / "train.csv"), "test": str(folder / "test.csv"), "ood": {"rephrased": str(folder / "shifted.tsv")}}
 
 
+@pytest.mark.slow
 def test_text_recipe_fine_tunes_minilm_and_makes_a_soup(prefect_server, tmp_path):
     files = write_sentiment_files(tmp_path)
     config = parse_config({

@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from model_soups.evaluate import predict
-from model_soups.pipeline import device_slots
+from model_soups.processes import device_slots
 from model_soups.recipes import get_recipe
 
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import abc
+import hashlib
 import importlib
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model_soups.config import ConfigError, describe_validation_error
+from model_soups.validation import ConfigError, describe_validation_error
 
-RECIPES: dict[str, type["Recipe"]] = {}
+# Built-in recipes by short name. Every recipe is a 'package.module:Class' path: bring your own the same way.
+RECIPES = {"digits": "model_soups.recipes.digits:Digits", "text": "model_soups.recipes.text:Text"}
 
 
 class Hyperparameters(BaseModel):
@@ -75,7 +77,7 @@ class Recipe(abc.ABC):
             self.options = self.Options.model_validate(options or {})
         except ValidationError as error:
             raise ConfigError(
-                describe_validation_error(error).replace("invalid config:", f"invalid recipe.options for {self.name!r}:")
+                describe_validation_error(error, self.Options, f"invalid recipe.options for {self.name!r}", "recipe.options.")
             ) from None
 
     def describe(self) -> dict[str, Any]:
@@ -105,6 +107,17 @@ class Recipe(abc.ABC):
     def load_split(self, split: str) -> SplitData:
         ...
 
+    def dataset(self, split: str) -> SplitData:
+        """`load_split`, done once per process for the same data and options: every evaluation of a run shares it
+        instead of reading and tokenizing again. Callers must not change the tensors."""
+        key = (self.fingerprint(), split)
+        with _LOADING:
+            if key not in _LOADED:
+                if len(_LOADED) >= 8:
+                    _LOADED.pop(next(iter(_LOADED)))
+                _LOADED[key] = self.load_split(split)
+            return _LOADED[key]
+
     def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return inputs
 
@@ -118,30 +131,22 @@ class Recipe(abc.ABC):
             raise ConfigError(f"recipe {self.name!r} has no split {split!r}; splits: train, {', '.join(self.splits())}")
 
 
-def register_recipe(cls: type[Recipe]) -> type[Recipe]:
-    RECIPES[cls.name] = cls
-    return cls
+_LOADED: dict[tuple[str, str], SplitData] = {}
+_LOADING = threading.Lock()
 
 
 def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
-    if ":" in name:
-        module_name, _, class_name = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(f"recipe {name!r}: cannot import ({error}); expected 'package.module:Class'") from None
-        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
-            raise ConfigError(f"recipe {name!r}: {class_name} is not a model_soups.recipes.Recipe subclass")
-        return cls(options)
-    _load_builtin()
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; registered: {', '.join(sorted(RECIPES))}, or 'package.module:Class'")
-    return RECIPES[name](options)
-
-
-def _load_builtin() -> None:
-    importlib.import_module("model_soups.recipes.digits")
-    importlib.import_module("model_soups.recipes.text")
+    path = RECIPES.get(name, name)
+    if ":" not in path:
+        raise ConfigError(f"unknown recipe {name!r}; registered: {', '.join(RECIPES)}, or 'package.module:Class'")
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"recipe {name!r}: cannot import ({error}); expected 'package.module:Class'") from None
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+        raise ConfigError(f"recipe {name!r}: {class_name} is not a model_soups.recipes.Recipe subclass")
+    return cls(options)
 
 
 def fit_linear_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> None:

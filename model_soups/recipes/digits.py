@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from torch import nn
 
-from model_soups.config import ConfigError
-from model_soups.recipes import Recipe, SplitData, fit_linear_probe, register_recipe, stable_hash
+from model_soups.validation import ConfigError
+from model_soups.recipes import Recipe, SplitData, fit_linear_probe, stable_hash
 
 OOD_SHIFTS = ("rotate", "noise", "thick")
 FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
@@ -76,7 +76,6 @@ class DigitsNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-@register_recipe
 class Digits(Recipe):
     name = "digits"
     Options = DigitsOptions

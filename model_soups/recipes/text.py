@@ -32,8 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model_soups.config import ConfigError
-from model_soups.recipes import Recipe, SplitData, fit_linear_probe, register_recipe, stable_hash
+from model_soups.validation import ConfigError
+from model_soups.recipes import Recipe, SplitData, fit_linear_probe, stable_hash
 
 
 class TextOptions(BaseModel):
@@ -79,7 +79,6 @@ class MeanPoolClassifier(nn.Module):
         return self.head(self.dropout(self.features(input_ids, attention_mask, **inputs)))
 
 
-@register_recipe
 class Text(Recipe):
     name = "text"
     Options = TextOptions

@@ -1,0 +1,127 @@
+"""Cooking: each soup method's soup, scored and published exactly as evaluated, and the output ensembles."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from model_soups import merge, soups
+from model_soups.config import RunConfig
+from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
+from model_soups.ingredients import open_storage
+from model_soups.merge import Ingredient
+from model_soups.recipes import Recipe, SplitData, stable_hash
+from model_soups.records import EvaluationRecord, IngredientRecord, PretrainedRecord, SoupRecord, reuse_or_build
+from model_soups.storage import Layout, Store
+
+Log = Callable[[str], None]
+
+
+def ingredients_of(metas: list[IngredientRecord]) -> list[Ingredient]:
+    return [Ingredient(m.id, m.checkpoint, m.sha256) for m in metas]
+
+
+def val_accuracies(evaluations: list[EvaluationRecord]) -> dict[str, float]:
+    return {e.id: e.accuracy for e in evaluations if e.split == "val"}
+
+
+def soup_key(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+             val_accuracy: dict[str, float], method: str) -> str:
+    """A soup is determined by its method, the soup options and its ingredients: that is its storage key."""
+    options = config.soup.model_dump(exclude={"methods", "final", "ensembles"})
+    ingredients = sorted((m.id, m.sha256, val_accuracy[m.id]) for m in metas)
+    return stable_hash({"method": method, "options": options, "pretrained": pretrained.sha256, "ingredients": ingredients})
+
+
+def batchnorm_subset(recipe: Recipe, examples: int) -> SplitData:
+    """The fixed train examples on which every multi-ingredient soup, candidates included, re-estimates BatchNorm."""
+    train = recipe.dataset("train")
+    if len(train) <= examples:
+        return train
+    return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:examples].sort().values)
+
+
+def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+              val_accuracy: dict[str, float], method: str, log: Log) -> SoupRecord:
+    """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused."""
+    store, layout = open_storage(config)
+    key = soup_key(config, pretrained, metas, val_accuracy, method)
+
+    def verify(record: SoupRecord) -> None:
+        with store.open_checkpoint(record.checkpoint, record.sha256):
+            pass
+
+    record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
+                            lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log),
+                            f"{method} soup {key}", log)
+    if record.reused:
+        log(f"{method} soup {key}: reused")
+    return record
+
+
+def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretrained: PretrainedRecord,
+          metas: list[IngredientRecord], val_accuracy: dict[str, float], method: str, key: str, log: Log) -> SoupRecord:
+    with store.open_checkpoint(pretrained.url) as base:
+        reference = base.info
+    val = recipe.dataset("val")
+    model = recipe.build_model()
+    batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
+    evaluations, evaluation_s = 0, 0.0
+
+    def as_published(state: dict[str, torch.Tensor], n_ingredients: int) -> str:
+        """Load `state` into `model` exactly as it is published; returns what happened to BatchNorm statistics.
+        One ingredient keeps its own statistics, which are exact for its weights."""
+        model.load_state_dict(state)
+        if batchnorm_data is not None and n_ingredients > 1 and soups.recompute_batchnorm(model, batchnorm_data, recipe.eval_batch_size):
+            return f"recomputed on {len(batchnorm_data)} train examples"
+        return "averaged" if n_ingredients > 1 else "the ingredient's own"
+
+    def score(state: dict[str, torch.Tensor], n_ingredients: int) -> float:
+        nonlocal evaluations, evaluation_s
+        evaluations += 1
+        started = time.time()
+        as_published(state, n_ingredients)
+        accuracy = float((predict(model, val, recipe.eval_batch_size, evaluation_device()).argmax(1) == val.labels.numpy()).mean())
+        evaluation_s += time.time() - started
+        log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
+        return accuracy
+
+    ctx = soups.SoupContext(store, soups.rank(ingredients_of(metas), val_accuracy), val_accuracy, reference,
+                            config.soup, score, model, val, recipe.eval_batch_size)
+    started = time.time()
+    soup = soups.SOUP_METHODS[method].cook(ctx)
+    state = merge.weighted_average(store, soup.ingredients, soup.weights, soups.ACCUMULATE[config.soup.accumulate], reference)
+    batchnorm = as_published(state, len(soup.ingredients))
+    model.eval()
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # the model may sit on a GPU
+    url = layout.soup(key)
+    sha = store.save_checkpoint(url, state, {"method": method})
+    # logits are kept, as for ingredients, for paired comparisons later
+    split_metrics = {split: evaluate_and_store(store, layout.soup_logits(key, split), model, recipe.dataset(split),
+                                               recipe.eval_batch_size) for split in recipe.splits()}
+    record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
+                        ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
+                        candidate_evaluations=evaluations, candidate_seconds=round(evaluation_s, 4),
+                        seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics)
+    record.write(store, layout.soup_record(key))
+    log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val'].accuracy:.4f}, "
+        f"{evaluations} candidate evaluations")
+    return record
+
+
+def ensemble_rows(store: Store, layout: Layout, metas: list[IngredientRecord], splits: list[str],
+                  val_accuracy: dict[str, float], rule: str) -> list[dict]:
+    """Ensemble and greedy ensemble from stored logits: no forward pass."""
+    stored = {(m.id, s): store.read_arrays(layout.evaluation(m.id, s, "npz")) for m in metas for s in splits}
+    ranked = [i.id for i in soups.rank(ingredients_of(metas), val_accuracy)]
+    greedy = soups.greedy_ensemble(ranked, {i: stored[(i, "val")]["logits"] for i in ranked}, stored[(ranked[0], "val")]["labels"], rule)
+    rows = []
+    for kind, members in (("ensemble", ranked), ("greedy_ensemble", greedy)):
+        for split in splits:
+            labels = stored[(ranked[0], split)]["labels"]
+            logits = soups.ensemble_logits([stored[(m, split)]["logits"] for m in members])
+            rows.append({"model": kind, "kind": kind, "split": split, **metrics(logits, labels).model_dump(),
+                         "n_ingredients": len(members)})
+    return rows

@@ -1,0 +1,73 @@
+"""Publishing: the run folder with the final soup, results, the manifest and the report."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+
+from model_soups import merge, report
+from model_soups.config import RunConfig
+from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
+from model_soups.ingredients import open_storage
+from model_soups.merge import Ingredient
+from model_soups.recipes import Recipe
+from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, Manifest, ManifestIngredient,
+                                 ManifestSoup, PretrainedRecord, SoupRecord)
+from model_soups.storage import RunFolder
+from model_soups.train import versions
+
+
+def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
+                best: str) -> list[dict]:
+    """results.csv's rows: every ingredient, the best one again as best_individual, and every soup."""
+    rows = []
+    for e in evaluations:
+        row = {"model": e.id, "split": e.split, "accuracy": e.accuracy, "nll": e.nll, "ece": e.ece, "n": e.n, "n_ingredients": 1}
+        rows.append({**row, "kind": "ingredient"})
+        if e.id == best:
+            rows.append({**row, "kind": "best_individual"})
+    for record in soup_records:
+        rows += [{"model": record.kind, "kind": record.kind, "split": split, **m.model_dump(),
+                  "n_ingredients": len(record.ingredients)} for split, m in record.metrics.items()]
+    return rows
+
+
+def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+            failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
+            run_id: str, log: Callable[[str], None]) -> dict[str, str]:
+    store, layout = open_storage(config)
+    run = layout.run(run_id)
+    val_accuracy = val_accuracies(evaluations)
+    best = max(metas, key=lambda m: val_accuracy[m.id]).id
+    rows = result_rows(metas, evaluations, soup_records, best)
+    if config.soup.ensembles:
+        rows += ensemble_rows(store, layout, metas, recipe.splits(), val_accuracy, config.soup.rule)
+    results = report.results_frame(rows)
+    store.write_bytes(run.file("results.csv"), results.to_csv(index=False).encode())
+    store.write_bytes(run.file("results.parquet"), results.to_parquet(index=False))
+
+    cosines = merge.delta_cosines(store, Ingredient("pretrained", pretrained.url, pretrained.sha256), ingredients_of(metas))
+    store.write_json(run.file("cosine.json"), {"ids": [m.id for m in metas], "matrix": np.round(cosines, 6).tolist()})
+
+    final = next(r for r in soup_records if r.method == config.soup.final)
+    store.copy(final.checkpoint, run.soup)
+    greedy = next((r for r in soup_records if r.method == "greedy"), None)
+    Manifest(
+        experiment=config.experiment, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
+        final=config.soup.final, soup=run.soup, soup_ingredients=len(final.ingredients), recipe=recipe.describe(),
+        fingerprint=pretrained.fingerprint, pretrained=pretrained,
+        ingredients=[ManifestIngredient(id=m.id, checkpoint=m.checkpoint, sha256=m.sha256, hparams=m.hparams,
+                                        val_accuracy=val_accuracy[m.id]) for m in metas],
+        failed=failed, best_individual=best,
+        soups={r.method: ManifestSoup(ingredients=r.ingredients, checkpoint=r.checkpoint, sha256=r.sha256,
+                                      record=layout.soup_record(r.key), weights=r.weights, batchnorm=r.batchnorm,
+                                      candidate_evaluations=r.candidate_evaluations) for r in soup_records},
+        greedy_trajectory=greedy.trajectory if greedy else [],
+        files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
+        config=config.model_dump(mode="json"), versions=versions(),
+    ).write(store, run.manifest)
+    paths = report.build_report(store, run.url)
+    log(f"published {run.url}")
+    return {"run": run.url, "soup": run.soup, **paths}

@@ -1,0 +1,193 @@
+"""What crosses a step or a process, each defined once and validated when it is read back from storage.
+
+A stored record that no longer validates is treated like a missing one: the work is done again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model_soups.config import RecipeConfig, StorageConfig
+from model_soups.storage import StorageError, StorageUnavailable, Store
+
+BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease, or has just finished it
+STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
+
+
+class Record(BaseModel):
+    # extra fields are ignored, so records written by an older version of this code still read
+    model_config = ConfigDict(extra="ignore")
+    reused: bool = Field(False, exclude=True, description="read back from storage rather than made by this run")
+
+    @classmethod
+    def read(cls, store: Store, url: str):
+        try:
+            return cls.model_validate(store.read_json(url))
+        except ValidationError as error:
+            raise StorageError(f"{url}: not a valid {cls.__name__} ({error.error_count()} problems: "
+                               f"{error.errors()[0]['loc']} {error.errors()[0]['msg']})") from None
+
+    def write(self, store: Store, url: str) -> None:
+        store.write_json(url, self.model_dump(mode="json"))
+
+
+R = TypeVar("R", bound=Record)
+
+
+def reuse_or_build(store: Store, url: str, kind: type[R], verify: Callable[[R], None], build: Callable[[], R],
+                   what: str, log: Callable[[str], None], discard: Callable[[], None] = lambda: None) -> R:
+    """The record stored at `url` (marked `reused`) if it reads and `verify` passes; else `discard()` what is
+    there and `build()`.
+
+    `verify` raises a StorageError to refuse a record (a checkpoint that fails its sha256, say). Storage that
+    does not answer is not a reason to rebuild: that error goes up, and a re-run resumes.
+    """
+    if store.exists(url):
+        try:
+            record = kind.read(store, url)
+            verify(record)
+            return record.model_copy(update={"reused": True})
+        except StorageUnavailable:
+            raise
+        except StorageError as error:
+            log(f"{what}: {error}; making it again")
+            discard()
+    return build()
+
+
+class PretrainedRecord(Record):
+    url: str
+    sha256: str
+    fingerprint: str
+    seconds: float = 0.0
+
+
+class IngredientRecord(Record):
+    """meta.json: written after the checkpoint, so it is the completion record. A failed attempt leaves one too,
+    saying why; the next run tries that ingredient again."""
+
+    id: str
+    status: Literal["completed", "diverged", "failed"]
+    reason: str = ""
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    sha256: str | None = None
+    source: Literal["fine-tune", "existing checkpoint"] = "fine-tune"
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    pretrained_url: str | None = None
+    pretrained_sha256: str | None = None
+    steps: int = 0
+    curve: list[tuple[int, float]] = Field(default_factory=list)
+    seconds: float = 0.0
+    device: str = ""
+    slot: str = ""
+    versions: dict[str, str] = Field(default_factory=dict)
+    failures: int = 0
+    failed_at: str | None = None
+
+    @model_validator(mode="after")
+    def _completed_has_checkpoint(self) -> "IngredientRecord":
+        if self.status == "completed" and not (self.checkpoint and self.sha256):
+            raise ValueError("a completed ingredient needs its checkpoint and sha256")
+        return self
+
+
+class FinetuneJob(BaseModel):
+    """What `python -m model_soups.train` reads on stdin: one ingredient to fine-tune."""
+
+    id: str
+    slot: str
+    hparams: dict[str, Any]
+    experiment: str
+    lease_s: float
+    storage: StorageConfig
+    recipe: RecipeConfig
+    pretrained: PretrainedRecord
+
+    def to_stdin(self) -> str:
+        """As JSON with the storage secrets in clear: it travels over a pipe, never a command line or a log."""
+        return json.dumps({**self.model_dump(mode="json"), "storage": self.storage.revealed()})
+
+
+class Metrics(BaseModel):
+    accuracy: float
+    nll: float
+    ece: float
+    n: int
+
+
+class EvaluationRecord(Record, Metrics):
+    """evals/<id>/<split>.json; the logits and labels are beside it in <split>.npz."""
+
+    id: str
+    split: str
+    checkpoint_sha256: str
+    seconds: float = 0.0
+
+
+class SoupRecord(Record):
+    """soups/<key>/record.json: one cooked soup, with its metrics on every split."""
+
+    method: str
+    kind: str
+    key: str
+    checkpoint: str
+    sha256: str
+    ingredients: list[str]
+    trajectory: list[dict[str, Any]] = Field(default_factory=list)
+    weights: list[float] | dict[str, list[float]]
+    candidate_evaluations: int = 0
+    candidate_seconds: float = 0.0
+    seconds: float = 0.0
+    batchnorm: str = ""
+    metrics: dict[str, Metrics]
+
+
+class FailedIngredient(BaseModel):
+    id: str
+    status: str
+    reason: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+
+
+class ManifestIngredient(BaseModel):
+    id: str
+    checkpoint: str
+    sha256: str
+    hparams: dict[str, Any]
+    val_accuracy: float
+
+
+class ManifestSoup(BaseModel):
+    ingredients: list[str]
+    checkpoint: str
+    sha256: str
+    record: str
+    weights: list[float] | dict[str, list[float]]
+    batchnorm: str
+    candidate_evaluations: int
+
+
+class Manifest(Record):
+    """runs/<run_id>/manifest.json: what was published, from what, with every file's sha256."""
+
+    experiment: str
+    run_id: str
+    created: str
+    final: str
+    soup: str
+    soup_ingredients: int
+    recipe: dict[str, Any]
+    fingerprint: str
+    pretrained: PretrainedRecord
+    ingredients: list[ManifestIngredient]
+    failed: list[FailedIngredient]
+    best_individual: str
+    soups: dict[str, ManifestSoup]
+    greedy_trajectory: list[dict[str, Any]]
+    files: dict[str, str]
+    config: dict[str, Any]
+    versions: dict[str, str]

@@ -1,0 +1,185 @@
+"""One storage root (an fsspec URL: local, S3, memory): atomic writes, JSON, arrays, checkpoints, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+import fsspec
+import numpy as np
+import torch
+
+from model_soups.storage.checkpoint import CHUNK, CheckpointReader, checkpoint_bytes
+from model_soups.storage.errors import TRANSIENT, StorageError, StorageUnavailable
+
+if TYPE_CHECKING:
+    from model_soups.config import StorageConfig
+
+
+class Store:
+    """One storage root (an fsspec URL) and the operations the pipeline needs on it."""
+
+    def __init__(self, config: StorageConfig):
+        self.config = config
+        self.root = config.root.rstrip("/")
+        options: dict[str, Any] = {}
+        if self.root.startswith("s3://"):
+            # One retry layer, `retrying` below, whose backoff and message are ours: botocore and s3fs try once.
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"total_max_attempts": 1}}}
+            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["endpoint_url"] = endpoint
+            if config.key and config.secret:
+                options["key"] = config.key.get_secret_value()
+                options["secret"] = config.secret.get_secret_value()
+        self.endpoint = options.get("endpoint_url")
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        if self.root.startswith("s3://"):
+            self.fs.retries = 1  # s3fs's own retry loop: one attempt (a class attribute, not a constructor option)
+        self.protocol = self.root.split("://", 1)[0]
+        if self.protocol == "file":
+            self.root = "file://" + self.base
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def path(self, url: str) -> str:
+        if url.startswith(self.root):
+            return self.base + url[len(self.root):]
+        fs_protocol, _, rest = url.partition("://")
+        if fs_protocol != self.protocol:
+            raise StorageError(f"{url}: not under the storage root {self.root}")
+        return rest if self.protocol != "file" else self.fs._strip_protocol(url)
+
+    def unavailable(self, action: str, url: str, error: BaseException, attempts: int = 1,
+                    seconds: float = 0.0) -> StorageUnavailable:
+        where = f"{self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''}"
+        tries = f" {attempts} times over {seconds:.0f}s" if attempts > 1 else ""
+        return StorageUnavailable(
+            f"storage {where} is unreachable: {action} {url} failed{tries} ({type(error).__name__}: {error}). "
+            "Nothing stored is lost: run again once it is back, and finished work is reused."
+        )
+
+    def retrying(self, action: str, url: str, operation: Callable[[], Any], attempts: int | None = None) -> Any:
+        """Run one storage operation; on a transient endpoint error retry with backoff (1, 2, 4... s), then give up."""
+        attempts = attempts or 1 + self.config.retries
+        started, attempt = time.time(), 1
+        while True:
+            try:
+                return operation()
+            except TRANSIENT as error:
+                if attempt == attempts:
+                    raise self.unavailable(action, url, error, attempts, time.time() - started) from None
+            time.sleep(2.0 ** (attempt - 1))
+            attempt += 1
+
+    # -- plain objects -------------------------------------------------------------------------------
+    def exists(self, url: str) -> bool:
+        return self.retrying("checking", url, lambda: self.fs.exists(self.path(url)))
+
+    def read_bytes(self, url: str) -> bytes:
+        try:
+            return self.retrying("reading", url, lambda: self.fs.cat_file(self.path(url)))
+        except FileNotFoundError:
+            raise StorageError(f"{url}: not found") from None
+
+    def write_bytes(self, url: str, data: bytes, attempts: int | None = None) -> None:
+        """Write all or nothing: a reader never sees a half-written object."""
+        path = self.path(url)
+        if self.protocol == "file":
+            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.partial-{uuid.uuid4().hex}"
+            with open(partial, "wb") as handle:
+                handle.write(data)
+            os.replace(partial, path)
+        else:  # an S3 PUT is atomic: the object appears whole or not at all
+            self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), attempts)
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
+        path = self.path(url)
+        try:
+            if self.protocol == "file":
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "xb") as handle:
+                    handle.write(data)
+            else:
+                self.retrying("creating", url, lambda: self.fs.pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        return True
+
+    def read_json(self, url: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(url))
+        except json.JSONDecodeError as error:
+            raise StorageError(f"{url}: not valid JSON ({error})") from None
+
+    def write_json(self, url: str, value: Any) -> None:
+        self.write_bytes(url, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def write_arrays(self, url: str, **arrays: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.write_bytes(url, buffer.getvalue())
+
+    def read_arrays(self, url: str) -> dict[str, np.ndarray]:
+        with np.load(io.BytesIO(self.read_bytes(url)), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+
+    def delete(self, url: str) -> None:
+        path = self.path(url)
+        if self.exists(url):
+            self.retrying("deleting", url, lambda: self.fs.rm(path, recursive=True))
+
+    def copy(self, source: str, target: str) -> None:
+        self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
+
+    def sha256(self, url: str, progress: Callable[[int], Any] | None = None) -> str:
+        """sha256 of an object, read in chunks; `progress` is called with each chunk's size."""
+
+        def read() -> str:
+            digest = hashlib.sha256()
+            with self.fs.open(self.path(url), "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            return digest.hexdigest()
+
+        return self.retrying("reading", url, read)
+
+    def check_writable(self, experiment: str) -> None:
+        """Fail in seconds, before any training, if the root cannot be written."""
+        probe = self.url(experiment, f".probe-{uuid.uuid4().hex}")
+        try:
+            self.write_bytes(probe, b"ok", attempts=1)  # no retries: a preflight answers in seconds
+            self.delete(probe)
+        except Exception as error:  # noqa: BLE001 - any failure here means the root is unusable
+            raise StorageError(
+                f"storage root {self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''} is not writable: "
+                f"{type(error).__name__}: {error}. "
+                "Check the URL, that the bucket exists, the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) "
+                "and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
+            ) from None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, url: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        data = checkpoint_bytes(state, metadata)
+        self.write_bytes(url, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> CheckpointReader:
+        """`sequential`: the whole file will be read front to back, so read ahead in large blocks."""
+        return CheckpointReader(self, url, sha256, sequential)
+
+    def load_checkpoint(self, url: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+        with self.open_checkpoint(url, sha256, sequential=True) as reader:
+            return dict(reader.tensors())
+
+

@@ -1,0 +1,132 @@
+"""The ingredient tasks: prepare (plan, storage check, pretrained start), one fine-tune on a device slot or as a
+run on the GPU pool, and `fan_out`, which keeps every device slot busy until all ingredients are done."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from prefect import get_client, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.deployments import run_deployment
+from prefect.futures import as_completed
+from prefect.states import Crashed
+
+from model_soups import ingredients
+from model_soups.config import RunConfig
+from model_soups.processes import device_slots
+from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord
+from model_soups.storage import StorageUnavailable
+from model_soups.sweep import IngredientSpec
+from tasks import QUIET, artifact_key
+
+
+def unless_storage_is_down(task, task_run, state) -> bool:
+    """Retry a failed fine-tune, except when storage did not answer: it has had its own retries with backoff."""
+    return not isinstance(state.data, StorageUnavailable)
+
+
+@task(name="prepare", **QUIET)
+def prepare(config: RunConfig) -> tuple[PretrainedRecord, list[IngredientSpec], list[str]]:
+    """Check the config and the storage root cheaply, then build or reuse the pretrained start."""
+    log = get_run_logger().info
+    plan = ingredients.make_plan(config)
+    store, layout = ingredients.open_storage(config)
+    store.check_writable(config.experiment)
+    pretrained = ingredients.ensure_pretrained(store, layout, plan, log)
+    log(f"{len(plan.specs)} ingredients, splits {plan.splits}")
+    return pretrained, plan.specs, plan.splits
+
+
+@task(name="finetune", task_run_name="finetune-{spec.id}", retry_delay_seconds=2, retry_condition_fn=unless_storage_is_down,
+      **QUIET)
+def finetune(config: RunConfig, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str]) -> IngredientRecord:
+    """One ingredient in its own process on one device slot; a verified stored result is reused."""
+    log = get_run_logger().info
+    if spec.checkpoint:
+        store, layout = ingredients.open_storage(config)
+        return ingredients.register_checkpoint(store, layout, spec, pretrained)
+    meta = ingredients.train_ingredient(config, pretrained, spec, slot, log)
+    log(f"ingredient {spec.id}: {'reused' if meta.reused else 'trained'} ({meta.status})")
+    return meta
+
+
+@task(name="finetune-on-pool", task_run_name="finetune-{spec.id}", retry_delay_seconds=2,
+      retry_condition_fn=unless_storage_is_down, **QUIET)
+def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: IngredientSpec) -> IngredientRecord:
+    """One ingredient as a run of the finetune deployment on the GPU pool; its result is read from storage.
+
+    This waits in the orchestrating process and holds no slot of the GPU pool. A run whose fine-tune stops
+    renewing its lease (its worker or machine died) is marked Crashed, and the task's retry starts another.
+    """
+    log = get_run_logger().info
+    store, layout = ingredients.open_storage(config)
+    if not spec.checkpoint:
+        meta = ingredients.stored_ingredient(store, layout, spec.id, log)
+        if meta is not None:
+            log(f"ingredient {spec.id}: reused ({meta.status})")
+            return meta
+    run = run_deployment(config.execution.finetune_deployment, timeout=0, as_subflow=True,
+                         flow_run_name=f"finetune-{spec.id}",
+                         parameters={"config": config.model_dump(mode="json"), "spec": spec.model_dump(mode="json"),
+                                     "pretrained": pretrained.model_dump(mode="json")})
+    log(f"ingredient {spec.id}: flow run {run.name} submitted to {config.execution.finetune_deployment}")
+    with get_client(sync_client=True) as client:
+        while not run.state.is_final():
+            time.sleep(config.execution.poll_s)
+            run = client.read_flow_run(run.id)
+            running_for = (datetime.now(timezone.utc) - run.start_time).total_seconds() if run.start_time else 0.0
+            if run.state.is_running() and ingredients.lease_lost(store, layout, spec.id, running_for, config.execution.lease_s):
+                message = f"fine-tune of {spec.id} stopped renewing its lease: its worker or machine died"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                raise RuntimeError(f"flow run {run.name}: {message}")
+    if not run.state.is_completed():
+        raise RuntimeError(f"flow run {run.name} ended {run.state.type.value}: {run.state.message}")
+    meta = (ingredients.stored_ingredient(store, layout, spec.id, log) if not spec.checkpoint
+            else IngredientRecord.read(store, layout.meta(spec.id)))
+    if meta is None:
+        raise RuntimeError(f"flow run {run.name} completed but ingredient {spec.id} has no verified result in storage")
+    return meta.model_copy(update={"reused": False})
+
+
+def fan_out(config: RunConfig, pretrained: PretrainedRecord,
+            specs: list[IngredientSpec]) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
+    """Fine-tune every ingredient: on this machine's device slots, one fine-tune each, or as runs on the GPU
+    work pool. Returns the completed ones in sweep order, and those left out with why."""
+    logger = get_run_logger()
+    progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
+                                        description=f"{len(specs)} fine-tunes")
+    completed, failed = [], []
+    running: dict = {}
+    if config.execution.fanout == "work-pool":
+        on_pool = finetune_on_pool.with_options(retries=config.execution.retries)
+        logger.info(f"fine-tuning {len(specs)} ingredients as runs of {config.execution.finetune_deployment}")
+        running = {on_pool.submit(config, pretrained, spec): (spec, None) for spec in specs}
+        free, pending = [], []
+    else:
+        free, pending = device_slots(config.execution.device_slots), list(specs)
+        logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
+    local = finetune.with_options(retries=config.execution.retries)
+    while pending or running:
+        while free and pending:  # keep every device slot busy with one fine-tune
+            spec, slot = pending.pop(0), free.pop(0)
+            running[local.submit(config, pretrained, spec, slot)] = (spec, slot)
+        future = next(as_completed(list(running)))
+        spec, slot = running.pop(future)
+        if slot is not None:
+            free.append(slot)
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, StorageUnavailable):
+            raise outcome  # not the ingredient's fault: stop, and let a re-run resume from what is stored
+        if isinstance(outcome, IngredientRecord) and outcome.status == "completed":
+            completed.append(outcome)
+        else:
+            if isinstance(outcome, IngredientRecord):  # diverged: a stored result
+                status, reason = outcome.status, outcome.reason
+            else:  # an exception after the retries; FinetuneFailed carries a one-line reason
+                status, reason = "failed", getattr(outcome, "reason", f"{type(outcome).__name__}: {outcome}")
+            logger.warning(f"ingredient {spec.id} left out of the soup: {status}: {reason}")
+            failed.append(FailedIngredient(id=spec.id, status=status, reason=str(reason), hparams=spec.hparams))
+        update_progress_artifact(progress, 100.0 * (len(completed) + len(failed)) / len(specs))
+    order = {spec.id: i for i, spec in enumerate(specs)}
+    return sorted(completed, key=lambda m: order[m.id]), failed

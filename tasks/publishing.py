@@ -1,0 +1,31 @@
+"""The publish task: the run folder, and the results, report and soup as Prefect artifacts."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from model_soups import publishing, report
+from model_soups.config import RunConfig
+from model_soups.ingredients import open_storage
+from model_soups.recipes import get_recipe
+from model_soups.records import EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord, SoupRecord
+from tasks import QUIET, artifact_key
+
+
+@task(name="publish", **QUIET)
+def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
+            evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str) -> dict[str, str]:
+    """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
+    recipe = get_recipe(config.recipe.name, config.recipe.options)
+    paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id,
+                               get_run_logger().info)
+    store, _ = open_storage(config)
+    table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
+    create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),
+                          description=f"Accuracy (%) per method, run {run_id}")
+    create_markdown_artifact(key=artifact_key(config, "report"), markdown=store.read_bytes(paths["report.md"]).decode(),
+                             description=f"Model soup report, run {run_id}")
+    create_link_artifact(key=artifact_key(config, "soup"), link=paths["soup"], link_text=f"soup.safetensors ({run_id})")
+    create_link_artifact(key=artifact_key(config, "report-html"), link=paths["report.html"], link_text=f"report.html ({run_id})")
+    return paths
