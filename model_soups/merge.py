@@ -114,9 +114,12 @@ def weighted_sum(store: Store, ingredients: Sequence[Ingredient], weights: Weigh
     return total
 
 
-def mean_of(value: torch.Tensor, divisor: float, dtype: torch.dtype) -> torch.Tensor:
-    """A sum divided into the soup's tensor, in the checkpoint's own dtype, on the CPU."""
-    return (value / divisor).to(dtype).cpu() if dtype.is_floating_point else value
+def mean_of(value: torch.Tensor, divisor: float, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:
+    """A sum divided into the soup's tensor, in the checkpoint's own dtype, on the CPU. `in_place` divides the
+    sum itself (no second allocation of the tensor); the greedy soup keeps its running sum, so it does not."""
+    if not dtype.is_floating_point:
+        return value
+    return (value.div_(divisor) if in_place else value / divisor).to(dtype).cpu()
 
 
 def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: Weights | None = None,
@@ -133,8 +136,9 @@ def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: W
     with ExitStack() as stack:
         dtypes = {name: info.dtype for name, info in open_all(store, ingredients[:1], stack, reference)[0].info.items()}
     total = weighted_sum(store, ingredients, weights, accumulate, reference, device=device)
-    # popped one by one, so the sums and the soup never both exist in full
-    return {name: mean_of(total.pop(name), float(sum(weight_of(weights, name))), dtype) for name, dtype in dtypes.items()}
+    # popped one by one and divided in place, so the sums and the soup never both exist in full
+    return {name: mean_of(total.pop(name), float(sum(weight_of(weights, name))), dtype, in_place=True)
+            for name, dtype in dtypes.items()}
 
 
 def delta_cosines(store: Store, pretrained: Ingredient, ingredients: Sequence[Ingredient]) -> np.ndarray:

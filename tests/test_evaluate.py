@@ -50,3 +50,14 @@ def test_text_recipe_encodes_sentence_pairs(tmp_path):
     assert recipe.label_values == ["no", "yes"] and len(train) == 8
     sep = recipe._tokenizer.sep_token_id
     assert all((row == sep).sum() == 2 for row in train.inputs["input_ids"])  # [CLS] a [SEP] b [SEP]
+
+
+def test_a_split_is_loaded_once_per_process_for_the_same_data_and_options(monkeypatch):
+    loads = []
+    original = Digits.load_split
+    monkeypatch.setattr(Digits, "load_split", lambda self, split: loads.append(split) or original(self, split))
+    first, again = get_recipe("digits", {"width": 4, "split_seed": 7}), get_recipe("digits", {"width": 4, "split_seed": 7})
+    assert first.dataset("val") is again.dataset("val")  # a new recipe object, as every task builds one
+    assert loads == ["val"]
+    other = get_recipe("digits", {"width": 4, "split_seed": 8}).dataset("val")  # other data: loaded anew
+    assert loads == ["val", "val"] and not torch.equal(other.labels, first.dataset("val").labels)
