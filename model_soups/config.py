@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, create_model,
+                      field_validator, model_validator)
 
-from model_soups.recipes import RECIPES
-from model_soups.recipes.digits import DigitsOptions
-from model_soups.recipes.text import TextOptions
+from model_soups.recipes import RECIPES, recipe_class
 from model_soups.soups import SOUP_METHODS
 from model_soups.validation import ConfigError, describe_validation_error
 
@@ -62,20 +60,6 @@ class StorageConfig(Strict):
         return data
 
 
-class DigitsRecipe(Strict):
-    """The embedded default: scikit-learn's handwritten digits, from a start pretrained on printed digits."""
-
-    name: Literal["digits"] = "digits"
-    options: DigitsOptions = Field(default_factory=DigitsOptions)
-
-
-class TextRecipe(Strict):
-    """A transformers encoder (all-MiniLM-L6-v2 by default) fine-tuned on your CSV/TSV/parquet files."""
-
-    name: Literal["text"]
-    options: TextOptions = Field(default_factory=TextOptions)
-
-
 class CustomRecipe(Strict):
     """Your own Recipe subclass, named by its import path."""
 
@@ -95,9 +79,18 @@ def _recipe_tag(value: Any) -> str:
     return name if name in RECIPES else "custom"
 
 
-# One recipe section per built-in recipe, told apart by `name`: the Prefect form shows each one's own options.
-RecipeConfig = Annotated[Union[Annotated[DigitsRecipe, Tag("digits")], Annotated[TextRecipe, Tag("text")],
-                               Annotated[CustomRecipe, Tag("custom")]], Discriminator(_recipe_tag)]
+def _recipe_section(name: str) -> Any:
+    """`{name, options}` for one built-in recipe, with that recipe's own options model."""
+    cls = recipe_class(name)
+    section = create_model(f"{name.capitalize()}Recipe", __base__=Strict, __doc__=cls.__doc__,
+                           name=(Literal[name], name), options=(cls.Options, Field(default_factory=cls.Options)))
+    return Annotated[section, Tag(name)]
+
+
+# One section per recipe in the registry (recipes.RECIPES), told apart by `name`: the Prefect form shows each
+# recipe's own options as fields.
+RecipeConfig = Annotated[Union[tuple(_recipe_section(name) for name in RECIPES) + (Annotated[CustomRecipe, Tag("custom")],)],
+                         Discriminator(_recipe_tag)]
 
 
 class Range(Strict):
@@ -170,7 +163,7 @@ class RunConfig(Strict):
 
     experiment: str = Field("digits-demo", pattern=NAME_PATTERN, description="groups ingredients and runs")
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    recipe: RecipeConfig = Field(default_factory=DigitsRecipe, json_schema_extra=lambda schema: schema.update(
+    recipe: RecipeConfig = Field(default_factory=lambda: {"name": "digits"}, validate_default=True, json_schema_extra=lambda schema: schema.update(
         anyOf=schema.pop("oneOf")))  # the Prefect form offers an anyOf of objects as a choice between them
     sweep: SearchSpace = Field(default_factory=SearchSpace)
     soup: SoupOptions = Field(default_factory=SoupOptions)

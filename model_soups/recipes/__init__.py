@@ -135,7 +135,8 @@ _LOADED: dict[tuple[str, str], SplitData] = {}
 _LOADING = threading.Lock()
 
 
-def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
+def recipe_class(name: str) -> type[Recipe]:
+    """A built-in recipe by name, or any Recipe subclass by its 'package.module:Class' path."""
     path = RECIPES.get(name, name)
     if ":" not in path:
         raise ConfigError(f"unknown recipe {name!r}; registered: {', '.join(RECIPES)}, or 'package.module:Class'")
@@ -146,7 +147,11 @@ def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
         raise ConfigError(f"recipe {name!r}: cannot import ({error}); expected 'package.module:Class'") from None
     if not (isinstance(cls, type) and issubclass(cls, Recipe)):
         raise ConfigError(f"recipe {name!r}: {class_name} is not a model_soups.recipes.Recipe subclass")
-    return cls(options)
+    return cls
+
+
+def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
+    return recipe_class(name)(options)
 
 
 def fit_linear_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> None:

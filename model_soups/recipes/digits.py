@@ -77,6 +77,8 @@ class DigitsNet(nn.Module):
 
 
 class Digits(Recipe):
+    """The embedded default: scikit-learn's handwritten digits, from a start pretrained on printed digits."""
+
     name = "digits"
     Options = DigitsOptions
     default_search = {

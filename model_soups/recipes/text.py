@@ -80,6 +80,8 @@ class MeanPoolClassifier(nn.Module):
 
 
 class Text(Recipe):
+    """A transformers encoder (all-MiniLM-L6-v2 by default) fine-tuned on your CSV, TSV or parquet files."""
+
     name = "text"
     Options = TextOptions
     supports_mixup = False
