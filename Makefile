@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 60
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test test-fast ui bench stack stack-down install lock check-lock clean
+.PHONY: demo test test-fast screenshot ui bench stack stack-down install lock check-lock clean
 
 install: $(STAMP)
 
@@ -73,6 +73,10 @@ stack: $(STAMP)
 
 stack-down:
 	infra/stack.sh down
+
+# the report artifact as the Prefect UI shows it (a server, a small demo run, headless Chromium): report-artifact.png
+screenshot: $(STAMP)
+	$(PY) infra/screenshot_report.py report-artifact.png
 
 ui: $(STAMP)
 	$(VENV)/bin/prefect server start --host 127.0.0.1

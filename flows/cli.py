@@ -1,16 +1,33 @@
-"""The `soup` command: run the flow on a config, the demo, rebuild a report, inspect a checkpoint."""
+"""The `soup` command: run the flow on a config, the demo, rebuild a report, inspect a checkpoint, print the
+default config.
+
+Prefect is imported only once a flow runs, after `prefect_defaults` has chosen its home: the checkout's
+`.prefect/` (the one `make ui` serves) unless PREFECT_HOME is set, with analytics off unless asked for.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config
-from model_soups.storage import StorageError, Store
+from model_soups.config import ConfigError, RunConfig, StorageConfig, default_yaml, load_config
+from model_soups.storage import StorageError, Store, as_url
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def prefect_defaults(environ: dict[str, str], checkout: Path = CHECKOUT) -> None:
+    """One Prefect home for the CLI and `make ui`, and no analytics, unless the environment says otherwise."""
+    if (checkout / "prefect.yaml").is_file():
+        environ.setdefault("PREFECT_HOME", str(checkout / ".prefect"))
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    environ.setdefault("DO_NOT_TRACK", "1")
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
 
 def preflight(config: RunConfig) -> None:
@@ -39,13 +56,14 @@ def run(config: RunConfig) -> int:
 def report_command(run_url: str) -> int:
     from model_soups.report import build_report
 
-    store = Store(StorageConfig(root=run_url))
+    store = Store(StorageConfig(root=as_url(run_url)))
     paths = build_report(store, store.root)
     print("\n".join(paths.values()))
     return 0
 
 
 def inspect_command(url: str) -> int:
+    url = as_url(url)
     store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
     with store.open_checkpoint(url) as reader:
         for name, info in reader.info.items():
@@ -59,8 +77,9 @@ def inspect_command(url: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    prefect_defaults(os.environ)
     parser = argparse.ArgumentParser(prog="soup", description="Model soups on Prefect")
+    parser.add_argument("--version", action="version", version=f"soup {importlib.metadata.version('model-soups')}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run the model_soup flow on a YAML config")
     run_parser.add_argument("config", type=Path)
@@ -68,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run_parser, demo_parser):
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set sweep.n=4 (repeatable)")
-    commands.add_parser("report", help="rebuild report.md/html from a run folder").add_argument("run_url")
-    commands.add_parser("inspect", help="keys, shapes, dtypes and sha256 of a checkpoint").add_argument("checkpoint_url")
-    args = parser.parse_args(argv)
+    commands.add_parser("report", help="rebuild report.md/html from a run folder (path or URL)").add_argument("run_url")
+    commands.add_parser("inspect", help="keys, shapes, dtypes and sha256 of a checkpoint (path or URL)").add_argument(
+        "checkpoint_url")
+    config_parser = commands.add_parser("config", help="print the default config as commented YAML")
+    config_parser.add_argument("--defaults", action="store_true", required=True)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand, with its own usage, not the top level's
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "run":
             return run(load_config(args.config, args.overrides))
@@ -78,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             return run(load_config(None, args.overrides))
         if args.command == "report":
             return report_command(args.run_url)
+        if args.command == "config":
+            print(default_yaml(), end="")
+            return 0
         return inspect_command(args.checkpoint_url)
     except (ConfigError, StorageError, ValueError) as error:
         print(f"soup: {error}", file=sys.stderr)

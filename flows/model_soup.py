@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, unmapped
+import re
+
+from prefect import flow, get_client, get_run_logger, runtime, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import RunConfig
@@ -21,11 +23,30 @@ class TooFewIngredients(RuntimeError):
     """Fewer ingredients survived than execution.min_ingredients."""
 
 
-@flow(name="model-soup", task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
+def run_name() -> str:
+    """`<experiment>-<run_id>`: the flow run carries the name of the run folder it publishes."""
+    config = runtime.flow_run.parameters.get("config") or RunConfig()
+    experiment = config.experiment if isinstance(config, RunConfig) else config.get("experiment", RunConfig().experiment)
+    return f"{experiment}-{new_run_id()}"
+
+
+def this_run(config: RunConfig) -> str:
+    """The run id in this flow run's name, and tags to find the run by experiment and recipe in the UI."""
+    name, prefix = runtime.flow_run.name or "", f"{config.experiment}-"
+    run_id = name.removeprefix(prefix)
+    if not name.startswith(prefix) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run_id):
+        run_id = new_run_id()  # a name given by hand that is no run id
+    tags = {*runtime.flow_run.tags, f"experiment:{config.experiment}", f"recipe:{config.recipe.name}"}
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(runtime.flow_run.id, tags=sorted(tags))
+    return run_id
+
+
+@flow(name="model-soup", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
 def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     """Fine-tune a sweep of ingredients, evaluate them, cook the soups and publish the soup and a report."""
     logger = get_run_logger()
-    run_id = new_run_id()
+    run_id = this_run(config)
     pretrained, specs, splits = prepare(config)
 
     metas, failed = fan_out(config, pretrained, specs)

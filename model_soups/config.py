@@ -40,6 +40,9 @@ class StorageConfig(Strict):
     retries: int = Field(
         3, ge=0, le=8, description="retries of a storage call whose endpoint does not answer, backing off 1, 2, 4... s"
     )
+    link_expiry_s: int = Field(
+        86400, ge=60, le=604800, description="how long the presigned S3 links in the run's Prefect artifacts stay valid"
+    )
 
     @field_validator("root")
     @classmethod
@@ -229,11 +232,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
+        if data is None and not overrides:  # most likely the wrong file: never fall back to the full default demo
+            raise ConfigError(f"config file {path}: empty. Give at least the fields that differ from the defaults "
+                              "(`soup config --defaults` prints them all), or run `soup demo`")
+        data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(data, assignment)
     return parse_config(data)
+
+
+def default_yaml() -> str:
+    """The default config as YAML, every field under its description: a file to start from."""
+    lines = ["# model-soup run config: every field with its default (soup run CONFIG.yaml; soup config --defaults)"]
+
+    def emit(model: BaseModel, indent: str) -> None:
+        values = model.model_dump(mode="json")
+        for name, field in type(model).model_fields.items():
+            if field.description:
+                lines.append(f"{indent}# {field.description}")
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+            else:
+                dumped = yaml.safe_dump({name: values[name]}, sort_keys=False, default_flow_style=False, width=1000)
+                lines.extend(indent + line for line in dumped.rstrip().splitlines())
+
+    emit(RunConfig(), "")
+    return "\n".join(lines) + "\n"

@@ -21,10 +21,13 @@ from model_soups.train import versions
 
 def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
                 best: str) -> list[dict]:
-    """results.csv's rows: every ingredient, the best one again as best_individual, and every soup."""
+    """results.csv's rows: every ingredient (with its hyperparameters as `hp_*` columns), the best one again as
+    best_individual, and every soup."""
     rows = []
+    hparams = {m.id: {f"hp_{name}": value for name, value in m.hparams.items()} for m in metas}
     for e in evaluations:
-        row = {"model": e.id, "split": e.split, "accuracy": e.accuracy, "nll": e.nll, "ece": e.ece, "n": e.n, "n_ingredients": 1}
+        row = {"model": e.id, "split": e.split, "accuracy": e.accuracy, "nll": e.nll, "ece": e.ece, "n": e.n, "n_ingredients": 1,
+               **hparams[e.id]}
         rows.append({**row, "kind": "ingredient"})
         if e.id == best:
             rows.append({**row, "kind": "best_individual"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from typing import Any
 
 import jinja2
@@ -29,8 +30,17 @@ METHOD_KINDS = list(COLORS)
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
+    frame = whole_numbers(pd.DataFrame(rows))
     return frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]
+
+
+def whole_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Hyperparameter columns that hold only whole numbers (epochs, seed) as integers, blank where missing."""
+    for column in [c for c in frame.columns if c.startswith("hp_")]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.notna().any() and values.notna().sum() == frame[column].notna().sum() and (values.dropna() % 1 == 0).all():
+            frame[column] = values.astype("Int64")
+    return frame
 
 
 def summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -47,11 +57,18 @@ def summary(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 2) -> str:
-    frame = frame.reset_index()
-    cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    frame = frame if frame.index.name is None and not isinstance(frame.index, pd.MultiIndex) else frame.reset_index()
+    cells = [[_number(v, digits) for v in row] for row in frame.itertuples(index=False)]
     head = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def _number(value: Any, digits: int) -> str:
+    """Accuracies with `digits` decimals; small values (a learning rate, an ECE) with 3 significant digits."""
+    if not isinstance(value, float) or np.isnan(value):
+        return "" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 0.1 else f"{value:.3g}"
 
 
 def _png(figure) -> bytes:
@@ -106,31 +123,66 @@ def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
 
 def figure_splits(results: pd.DataFrame) -> bytes:
     table = summary(results).drop(columns=["n_ingredients", "ood_mean"], errors="ignore")
-    figure, axis = plt.subplots(figsize=(7.5, 3.8))
+    figure, axis = plt.subplots(figsize=(8.5, 3.8))
     width = 0.8 / max(1, len(table.index))
     for i, kind in enumerate(table.index):
         axis.bar(np.arange(len(table.columns)) + i * width, table.loc[kind], width, label=kind.replace("_", " "),
                  color=COLORS.get(kind))
     axis.set_xticks(np.arange(len(table.columns)) + width * (len(table.index) - 1) / 2, table.columns)
-    low = np.nanmin(table.to_numpy())
-    axis.set_ylim(max(0, low - 10), 100)
+    axis.set_ylim(0, 100)  # from zero: bar heights are then proportional to accuracy
     axis.set_ylabel("accuracy (%)")
     axis.set_title("Accuracy per split and method")
-    axis.legend(fontsize=7, ncol=3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     axis.grid(alpha=0.3, axis="y")
     return _png(figure)
 
 
-def figure_cosines(ids: list[str], matrix: list[list[float]]) -> bytes | None:
+def figure_cosines(ids: list[str], matrix: list[list[float]], labels: list[str] | None = None) -> bytes | None:
+    """The cosine matrix of the fine-tune deltas, ingredients in the order given (best val first)."""
     if len(ids) < 2:
         return None
-    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
     image = axis.imshow(np.array(matrix), cmap="viridis", vmin=min(0.0, np.min(matrix)), vmax=1)
-    axis.set_xticks(range(len(ids)), [i[:6] for i in ids], rotation=90, fontsize=7)
-    axis.set_yticks(range(len(ids)), [i[:6] for i in ids], fontsize=7)
-    figure.colorbar(image, label="cosine of fine-tune deltas θ_i - θ_0")
-    axis.set_title("Angle between fine-tunes")
+    labels = labels or [i[:6] for i in ids]
+    axis.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(ids)), labels, fontsize=7)
+    axis.set_xlabel("ingredient (id, learning rate), best val accuracy first")
+    figure.colorbar(image, label=r"$\cos(\theta_i - \theta_0,\ \theta_j - \theta_0)$")
+    axis.set_title("Cosine similarity of fine-tune deltas")
     return _png(figure)
+
+
+def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list[str], list[list[float]], list[str]]:
+    """The cosine matrix reordered by val accuracy, best first, with `id (lr)` labels."""
+    by_id = {i["id"]: i for i in manifest["ingredients"]}
+    order = sorted(range(len(cosine["ids"])), key=lambda k: -by_id.get(cosine["ids"][k], {}).get("val_accuracy", 0))
+    ids = [cosine["ids"][k] for k in order]
+    matrix = [[cosine["matrix"][a][b] for b in order] for a in order]
+    labels = [f"{i[:6]} ({by_id[i]['hparams']['lr']:.1e})" if "lr" in by_id.get(i, {}).get("hparams", {}) else i[:6]
+              for i in ids]
+    return ids, matrix, labels
+
+
+def methods_table(results: pd.DataFrame) -> pd.DataFrame:
+    """`summary` with the test split's NLL and ECE: calibration next to accuracy."""
+    table = summary(results)
+    test = results[(results.kind != "ingredient") & (results.split == "test")].groupby("kind").first()
+    for column in ("nll", "ece"):
+        if column in test:
+            table[f"test_{column}"] = test[column].reindex(table.index)
+    return table
+
+
+def ingredients_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per split of every ingredient, best val first, with the hyperparameters that vary in the sweep."""
+    rows = results[results.kind == "ingredient"]
+    table = rows.pivot_table(index="model", columns="split", values="accuracy") * 100
+    splits = ["val", "test"] + sorted(c for c in table.columns if c not in ("val", "test"))
+    table = table[[c for c in splits if c in table.columns]]
+    hparams = whole_numbers(rows.groupby("model")[[c for c in rows.columns if c.startswith("hp_")]].first())
+    varying = [c for c in hparams.columns if hparams[c].nunique(dropna=False) > 1]
+    table = table.join(hparams[varying].rename(columns=lambda c: c.removeprefix("hp_")))
+    return table.sort_values("val", ascending=False) if "val" in table else table
 
 
 ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kept val accuracy."
@@ -166,14 +218,12 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
         "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
         "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
         "splits": ("Accuracy per split and method", figure_splits(results)),
-        "cosine": ("Pairwise cosine of fine-tune deltas", figure_cosines(cosine["ids"], cosine["matrix"])),
+        "cosine": ("Cosine similarity of fine-tune deltas", figure_cosines(*cosine_order(cosine, manifest))),
     }
     figures = {name: item for name, item in figures.items() if item[1] is not None}
     for name, (_, png) in figures.items():
         store.write_bytes(run.figure(name), png)
 
-    table = summary(results)
-    ingredients = results[(results.kind == "ingredient")].pivot_table(index="model", columns="split", values="accuracy") * 100
     failed = manifest.get("failed", [])
     final = manifest["final"]
     sections = [
@@ -181,10 +231,10 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
                     f"`ood:*` did not. {what_happened(results, trajectory)}"),
-        ("Methods", markdown_table(table)),
+        ("Methods", markdown_table(methods_table(results))),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
-        ("Ingredients", markdown_table(ingredients)),
+        ("Ingredients", markdown_table(ingredients_table(results))),
         ("Failed or diverged ingredients", "\n".join(f"- `{f['id']}`: {f['status']}: {f['reason']}" for f in failed) or "none"),
     ]
     markdown = ["# Model soup report", ""]
@@ -197,6 +247,17 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
         (name, title, base64.b64encode(png).decode()) for name, (title, png) in figures.items()])
     store.write_bytes(run.file("report.html"), page.encode())
     return {"report.md": run.file("report.md"), "report.html": run.file("report.html")}
+
+
+def embedded_markdown(store: Store, run_url: str) -> str:
+    """report.md with its figures inside it as data URIs: what the Prefect UI's markdown artifact can show, where a
+    relative link has nothing to point to."""
+    run = RunFolder(run_url)
+
+    def inline(match: re.Match) -> str:
+        return f"](data:image/png;base64,{base64.b64encode(store.read_bytes(run.figure(match.group(1)))).decode()})"
+
+    return re.sub(r"\]\(figures/([\w-]+)\.png\)", inline, store.read_bytes(run.file("report.md")).decode())
 
 
 MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_soups.config import ConfigError, Range, SearchSpace, describe_validation_error
 from model_soups.recipes import Recipe, stable_hash
+from model_soups.storage import as_url
 
 
 class IngredientSpec(BaseModel):
@@ -52,7 +53,7 @@ def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[Ingredi
         hparams = validate_hparams(recipe, sample)
         spec_id = ingredient_id(recipe, fingerprint, hparams)
         specs.setdefault(spec_id, IngredientSpec(id=spec_id, hparams=hparams))
-    for url in space.checkpoints:
+    for url in map(as_url, space.checkpoints):  # a plain or relative path is a file:// URL
         spec_id = "ckpt-" + hashlib.sha256(url.encode()).hexdigest()[:12]
         specs.setdefault(spec_id, IngredientSpec(id=spec_id, checkpoint=url))
     if not specs:

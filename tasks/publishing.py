@@ -24,8 +24,13 @@ def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[Ingredi
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
     create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),
                           description=f"Accuracy (%) per method, run {run_id}")
-    create_markdown_artifact(key=artifact_key(config, "report"), markdown=store.read_bytes(paths["report.md"]).decode(),
-                             description=f"Model soup report, run {run_id}")
-    create_link_artifact(key=artifact_key(config, "soup"), link=paths["soup"], link_text=f"soup.safetensors ({run_id})")
-    create_link_artifact(key=artifact_key(config, "report-html"), link=paths["report.html"], link_text=f"report.html ({run_id})")
+    create_markdown_artifact(key=artifact_key(config, "report"), markdown=report.embedded_markdown(store, paths["run"]),
+                             description=f"Model soup report, run {run_id}, figures included")
+    expiry = config.storage.link_expiry_s
+    where = (f"a presigned link, valid for {expiry / 3600:.3g} h" if store.protocol == "s3" else
+             "a path on the machine that ran the flow (a browser does not open file:// links from this page)")
+    for key, url in (("soup", paths["soup"]), ("report-html", paths["report.html"])):
+        name = url.rsplit("/", 1)[1]
+        create_link_artifact(key=artifact_key(config, key), link=store.browser_link(url, expiry),
+                             link_text=f"{name} ({run_id})", description=f"{name} of run {run_id}: {where}")
     return paths

@@ -55,10 +55,27 @@ def test_run_folder_holds_soup_manifest_results_and_report(first_run):
     assert page.count("<table>") == 3 and "<code>greedy</code>" not in page and "<strong>greedy</strong>" in page
 
 
+def test_the_flow_run_is_named_after_its_run_folder_and_tagged_with_experiment_and_recipe(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    _, paths = first_run
+    name = f"flow-{paths['run'].rsplit('/', 1)[1]}"
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    assert {"experiment:flow", "recipe:digits"} <= set(run.tags)
+
+
 def test_every_method_is_reported_on_test_and_every_ood_split(first_run):
     _, paths = first_run
     results = pd.read_csv(local(paths["run"]) / "results.csv")
     assert {"model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"} <= set(results.columns)
+    ingredients = results[results.kind == "ingredient"]
+    assert ingredients.hp_lr.notna().all()  # accuracy against learning rate, no join
+    as_written = pd.read_csv(local(paths["run"]) / "results.csv", dtype=str)
+    assert as_written[as_written.kind == "ingredient"].hp_seed.str.fullmatch(r"\d+").all()  # whole numbers stay whole
+    report = (local(paths["run"]) / "report.md").read_text()
+    assert "| test_nll | test_ece |" in report and "| lr |" in report
     expected_splits = {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
     for kind in ["ingredient", "best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]:
         assert set(results[results.kind == kind].split) == expected_splits, kind
@@ -89,8 +106,13 @@ def test_artifacts_are_published_with_stable_keys(first_run):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="flow-")))}
-    assert {"flow-results", "flow-report", "flow-soup", "flow-report-html", "flow-finetune-progress"} <= keys
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="flow-")))}
+    assert {"flow-results", "flow-report", "flow-soup", "flow-report-html", "flow-finetune-progress"} <= set(artifacts)
+    # the report shows whole in the UI: every figure inside it, no relative link left to break
+    report = artifacts["flow-report"].data
+    assert report.count("](data:image/png;base64,") == 4 and "](figures/" not in report
+    for key in ("flow-soup", "flow-report-html"):
+        assert "a browser does not open file:// links" in artifacts[key].description
 
 
 def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root):

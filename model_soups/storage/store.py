@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from model_soups.config import StorageConfig
 
 
+def as_url(location: str) -> str:
+    """A URL for a URL, a plain path or a relative path (made absolute here, so it means the same to every process)."""
+    if "://" in location:
+        return location
+    return "file://" + os.path.abspath(os.path.expanduser(location))
+
+
 class Store:
     """One storage root (an fsspec URL) and the operations the pipeline needs on it."""
 
@@ -30,7 +37,9 @@ class Store:
         options: dict[str, Any] = {}
         if self.root.startswith("s3://"):
             # One retry layer, `retrying` below, whose backoff and message are ours: botocore and s3fs try once.
-            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"total_max_attempts": 1}}}
+            # SigV4 everywhere, presigned links included (botocore would otherwise presign with the legacy SigV2).
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"total_max_attempts": 1},
+                                         "signature_version": "s3v4"}}
             endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 options["endpoint_url"] = endpoint
@@ -139,6 +148,13 @@ class Store:
 
     def copy(self, source: str, target: str) -> None:
         self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
+
+    def browser_link(self, url: str, expires_s: int) -> str:
+        """A link a browser can open: on S3 a presigned https URL that expires after `expires_s` (it names the
+        access key id, never the secret); elsewhere the URL itself."""
+        if self.protocol != "s3":
+            return url
+        return self.retrying("signing", url, lambda: self.fs.url(self.path(url), expires=expires_s))
 
     def sha256(self, url: str, progress: Callable[[int], Any] | None = None) -> str:
         """sha256 of an object, read in chunks; `progress` is called with each chunk's size."""

@@ -1,0 +1,72 @@
+"""The `soup` command without a flow run: paths, errors and usage, the default config, the Prefect home."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.cli import main, prefect_defaults
+from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
+from model_soups.recipes import get_recipe
+from model_soups.storage import Store
+from model_soups.sweep import expand
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "models" / "soup.safetensors"
+    Store(StorageConfig(root=f"file://{tmp_path}")).save_checkpoint(f"file://{path}", {"w": torch.ones(2, 3)})
+    return path
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative", "file-url"])
+def test_inspect_takes_an_absolute_path_a_relative_path_and_a_file_url(checkpoint, form, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint.parent.parent)
+    given = {"absolute": str(checkpoint), "relative": "models/soup.safetensors", "file-url": f"file://{checkpoint}"}[form]
+    assert main(["inspect", given]) == 0
+    assert "1 tensors, " in capsys.readouterr().out
+
+
+def test_a_plain_path_in_sweep_checkpoints_becomes_a_file_url(checkpoint, monkeypatch):
+    monkeypatch.chdir(checkpoint.parent)
+    space = parse_config({"sweep": {"checkpoints": ["soup.safetensors"], "n": 1}}).sweep
+    recipe = get_recipe("digits")
+    (spec,) = [s for s in expand(space, recipe, recipe.fingerprint()) if s.checkpoint]
+    assert spec.checkpoint == f"file://{checkpoint}"
+
+
+def test_an_empty_config_file_is_refused_unless_set_flags_supply_the_config(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"empty.yaml: empty\. .*soup demo"):
+        load_config(empty)
+    assert load_config(empty, ["experiment=from-flags"]).experiment == "from-flags"
+
+
+def test_a_subcommand_error_prints_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["run", "--n", "4", "x.yaml"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("usage: soup run ") and "unrecognized arguments: --n" in err
+
+
+def test_version_and_the_commented_default_config(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("soup 0.")
+    assert main(["config", "--defaults"]) == 0
+    printed = capsys.readouterr().out
+    assert "# channels of the first conv layer" in printed and "  width: 64" in printed
+    (tmp_path / "defaults.yaml").write_text(printed)
+    assert load_config(tmp_path / "defaults.yaml") == RunConfig()  # the printed file is the default config
+
+
+def test_the_cli_shares_the_checkouts_prefect_home_and_keeps_analytics_off(tmp_path):
+    (tmp_path / "prefect.yaml").write_text("name: x\n")
+    environ: dict[str, str] = {}
+    prefect_defaults(environ, tmp_path)
+    assert environ["PREFECT_HOME"] == str(tmp_path / ".prefect")  # what `make ui` serves
+    assert environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and environ["DO_NOT_TRACK"] == "1"
+    chosen = {"PREFECT_HOME": "/elsewhere", "PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    prefect_defaults(chosen, tmp_path)
+    assert chosen["PREFECT_HOME"] == "/elsewhere" and chosen["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
