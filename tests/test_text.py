@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from flows.model_soup import model_soup
 from model_soups import train
-from model_soups.config import parse_config
+from model_soups.config import ConfigError, parse_config
 from model_soups.evaluate import predict
 from model_soups.recipes import get_recipe
 
@@ -104,3 +104,29 @@ def test_linear_probe_start_classifies_train_better_than_chance(tmp_path):
     train = recipe.load_split("train")
     accuracy = (predict(model, train).argmax(1) == train.labels.numpy()).mean()
     assert accuracy >= 0.9  # the two words that decide the label are easy to read off MiniLM's mean features
+
+
+def test_a_headerless_uci_style_file_loads_with_column_indices(tmp_path):
+    # the UCI sentiment files: "sentence<TAB>label" per line, no header row
+    rng = random.Random(1)
+    lines = [f"I {rng.choice(GOOD if label else BAD)} {rng.choice(THINGS)}.\t{label}" for label in [0, 1] * 20]
+    (tmp_path / "amazon_cells_labelled.txt.tsv").write_text("\n".join(lines) + "\n")
+    recipe = get_recipe("text", {"train": str(tmp_path / "amazon_cells_labelled.txt.tsv"), "header": False,
+                                 "text_column": 0, "label_column": 1, "val_fraction": 0.25})
+    train, val = recipe.load_split("train"), recipe.load_split("val")
+    assert len(train) + len(val) == 40 and recipe.label_values == [0, 1]
+    with pytest.raises(ConfigError, match=r"no column 'text', 'label' \(for text, label\); it has \[0, 1\]: a headerless file's columns"):
+        get_recipe("text", {"train": str(tmp_path / "amazon_cells_labelled.txt.tsv"), "header": False}).load_split("train")
+
+
+def test_a_split_whose_columns_are_named_otherwise_loads_through_the_column_map(tmp_path):
+    files = write_sentiment_files(tmp_path)
+    test = pd.read_csv(files["test"]).rename(columns={"text": "sentence", "label": "sentiment"})
+    test.to_csv(tmp_path / "renamed.csv", index=False)
+    options = {**files, "test": str(tmp_path / "renamed.csv"), "columns": {"test": {"text": "sentence", "label": "sentiment"}}}
+    loaded = get_recipe("text", options).load_split("test")
+    assert loaded.labels.tolist() == test.sentiment.tolist()  # labels mapped by value, as train maps them
+    with pytest.raises(ConfigError, match=r"renamed.csv: no column 'text', 'label'.*recipe.options.columns.test"):
+        get_recipe("text", {**files, "test": str(tmp_path / "renamed.csv")}).load_split("test")
+    with pytest.raises(ConfigError, match=r"recipe.options.columns: no split 'dev'"):
+        get_recipe("text", {**files, "columns": {"dev": {"text": "sentence"}}})

@@ -18,22 +18,20 @@ and training batches are grouped by length (`group_by_length`), so little comput
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import fsspec
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model_soups.validation import ConfigError
 from model_soups.recipes import Recipe, SplitData, fit_linear_probe, stable_hash
+from model_soups.recipes.tables import SplitColumns, read_file, read_table
+from model_soups.validation import ConfigError
 
 
 class TextOptions(BaseModel):
@@ -42,9 +40,12 @@ class TextOptions(BaseModel):
     train: str | None = Field(None, description="URL of the training file (csv, tsv, parquet)")
     test: str | None = Field(None, description="URL of the in-distribution test file")
     ood: dict[str, str] = Field(default_factory=dict, description="shift name -> URL")
-    text_column: str = "text"
-    text_pair_column: str | None = Field(None, description="second sentence for pair tasks")
-    label_column: str = "label"
+    header: bool = Field(True, description="CSV/TSV files start with a header row; false: name columns by index (0, 1...)")
+    text_column: str | int = "text"
+    text_pair_column: str | int | None = Field(None, description="second sentence for pair tasks")
+    label_column: str | int = "label"
+    columns: dict[str, SplitColumns] = Field(
+        default_factory=dict, description="per split (train, test, ood:<name>), columns named otherwise than above")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=2, description="subsample train (before val is held out)")
     max_length: int = Field(128, ge=8, le=4096)
@@ -100,6 +101,10 @@ class Text(Recipe):
         super().__init__(options)
         if not self.options.train:
             raise ConfigError("recipe.options.train: the text recipe needs a training file URL (csv, tsv or parquet)")
+        unknown = set(self.options.columns) - {"train", "test", *(f"ood:{name}" for name in self.options.ood)}
+        if unknown:
+            raise ConfigError(f"recipe.options.columns: no split {', '.join(map(repr, sorted(unknown)))}; the files are "
+                              f"train, test and ood:<name> for each of recipe.options.ood")
 
     @cached_property
     def model_path(self) -> str:
@@ -119,33 +124,17 @@ class Text(Recipe):
     def _files(self) -> dict[str, bytes]:
         urls = {"train": self.options.train, "test": self.options.test,
                 **{f"ood:{name}": url for name, url in self.options.ood.items()}}
-        files = {}
-        for split, url in urls.items():
-            if url is None:
-                continue
-            try:
-                with fsspec.open(url, "rb") as handle:
-                    files[split] = handle.read()
-            except (FileNotFoundError, OSError) as error:
-                raise ConfigError(f"recipe.options ({split}): cannot read {url}: {error}") from None
-        return files
+        return {split: read_file(url, split) for split, url in urls.items() if url is not None}
 
     def _table(self, split: str) -> pd.DataFrame:
-        url = self.options.train if split == "train" else self.options.test if split == "test" else self.options.ood[split[4:]]
-        data = io.BytesIO(self._files[split])
-        if url.endswith(".parquet"):
-            table = pd.read_parquet(data)
-        elif url.endswith(".tsv"):
-            table = pd.read_csv(data, sep="\t", quoting=csv.QUOTE_NONE)
-        else:
-            table = pd.read_csv(data)
-        columns = [self.options.text_column, self.options.label_column] + (
-            [self.options.text_pair_column] if self.options.text_pair_column else [])
-        missing = [c for c in columns if c not in table.columns]
-        if missing:
-            raise ConfigError(f"{url}: missing column(s) {missing}; it has {list(table.columns)}. "
-                              "Set recipe.options.text_column / label_column / text_pair_column.")
-        return table
+        """The split's file with its columns renamed to their roles: text, label (and text_pair)."""
+        options = self.options
+        url = options.train if split == "train" else options.test if split == "test" else options.ood[split[4:]]
+        roles = {"text": options.text_column, "label": options.label_column, "text_pair": options.text_pair_column}
+        given = options.columns.get(split)
+        roles.update(given.model_dump(exclude_none=True) if given else {})
+        return read_table(url, self._files[split], options.header, split,
+                          {role: column for role, column in roles.items() if column is not None})
 
     @cached_property
     def _tables(self) -> dict[str, pd.DataFrame]:
@@ -162,7 +151,7 @@ class Text(Recipe):
 
     @cached_property
     def label_values(self) -> list:
-        return sorted(self._tables["train"][self.options.label_column].unique().tolist())
+        return sorted(self._tables["train"]["label"].unique().tolist())
 
     def data_fingerprint(self) -> str:
         return stable_hash({split: hashlib.sha256(data).hexdigest() for split, data in self._files.items()})
@@ -227,15 +216,15 @@ class Text(Recipe):
     def load_split(self, split: str) -> SplitData:
         self.check_split(split)
         table = self._tables[split]
-        texts = table[self.options.text_column].astype(str).tolist()
-        pairs = table[self.options.text_pair_column].astype(str).tolist() if self.options.text_pair_column else None
+        texts = table["text"].astype(str).tolist()
+        pairs = table["text_pair"].astype(str).tolist() if "text_pair" in table else None
         encoded = self._tokenizer(texts, pairs, truncation=True, max_length=self.options.max_length,
                                   padding=True, return_tensors="pt")
         index = {value: i for i, value in enumerate(self.label_values)}
-        unknown = set(table[self.options.label_column].unique()) - set(index)
+        unknown = set(table["label"].unique()) - set(index)
         if unknown:
             raise ConfigError(f"split {split!r}: labels {sorted(unknown)[:5]} do not occur in train {self.label_values}")
-        labels = torch.tensor([index[value] for value in table[self.options.label_column]], dtype=torch.long)
+        labels = torch.tensor([index[value] for value in table["label"]], dtype=torch.long)
         return SplitData(dict(encoded), labels, lengths=encoded["attention_mask"].sum(1))
 
 
