@@ -1,5 +1,5 @@
-"""The `soup` command: run the flow on a config, the demo, rebuild a report, inspect a checkpoint, print the
-default config.
+"""The `soup` command: run the flow on a config, the demo, list an experiment's runs, rebuild a report, inspect a
+checkpoint, print the default config.
 
 Prefect is imported only once a flow runs, after `prefect_defaults` has chosen its home: the checkout's
 `.prefect/` (the one `make ui` serves) unless PREFECT_HOME is set, with analytics off unless asked for.
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import pandas as pd
 from tqdm import tqdm
 
 from model_soups.config import ConfigError, RunConfig, StorageConfig, default_yaml, load_config
@@ -62,6 +63,29 @@ def report_command(run_url: str) -> int:
     return 0
 
 
+def runs_command(experiment: str, root: str) -> int:
+    """An experiment's published runs, oldest first, with what each final soup scored."""
+    from model_soups import report
+    from model_soups.storage import RunFolder
+
+    store = Store(StorageConfig(root=as_url(root)))
+    rows = []
+    for url in store.children(store.url(experiment, "runs")):
+        run = RunFolder(url)
+        if not store.exists(run.manifest):
+            continue  # a run that did not get to publish
+        manifest = store.read_json(run.manifest)
+        final = report.summary(report.read_results(store, url)).loc[f"{manifest['final']}_soup"]
+        rows.append({"run_id": manifest["run_id"], "created": manifest["created"][:19], "final": manifest["final"],
+                     "ingredients": f"{manifest['soup_ingredients']} of {len(manifest['ingredients'])}",
+                     **{split: final[split] for split in ("val", "test", "ood_mean") if split in final}})
+    if not rows:
+        print(f"soup: no published runs of experiment {experiment!r} under {store.root}", file=sys.stderr)
+        return 1
+    print(report.markdown_table(pd.DataFrame(rows)))
+    return 0
+
+
 def inspect_command(url: str) -> int:
     url = as_url(url)
     store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
@@ -90,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("report", help="rebuild report.md/html from a run folder (path or URL)").add_argument("run_url")
     commands.add_parser("inspect", help="keys, shapes, dtypes and sha256 of a checkpoint (path or URL)").add_argument(
         "checkpoint_url")
+    runs_parser = commands.add_parser("runs", help="an experiment's published runs and their soups' accuracy")
+    runs_parser.add_argument("experiment")
+    runs_parser.add_argument("--root", default=StorageConfig().root, help="the storage root (default: %(default)s)")
     config_parser = commands.add_parser("config", help="print the default config as commented YAML")
     config_parser.add_argument("--defaults", action="store_true", required=True)
     args, unknown = parser.parse_known_args(argv)
@@ -102,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(load_config(None, args.overrides))
         if args.command == "report":
             return report_command(args.run_url)
+        if args.command == "runs":
+            return runs_command(args.experiment, args.root)
         if args.command == "config":
             print(default_yaml(), end="")
             return 0

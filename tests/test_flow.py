@@ -207,6 +207,19 @@ def test_cli_rebuilds_the_report_and_inspects_the_soup(first_run, capsys):
     assert "head.weight" in out and "sha256" in out
 
 
+def test_cli_lists_an_experiments_runs_with_the_final_soups_accuracy(first_run, root, capsys):
+    from flows.cli import main
+
+    _, paths = first_run
+    assert main(["runs", "flow", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    results = pd.read_csv(local(paths["run"]) / "results.csv")
+    test = results[(results.kind == "greedy_soup") & (results.split == "test")].accuracy.iloc[0]
+    line = next(line for line in out.splitlines() if paths["run"].rsplit("/", 1)[1] in line)
+    assert "| greedy |" in line and f"| {100 * test:.2f} |" in line
+    assert main(["runs", "no-such-experiment", "--root", str(root)]) == 1
+
+
 def test_cli_refuses_a_bad_override_before_running(capsys, tmp_path):
     from flows.cli import main
 

@@ -141,6 +141,15 @@ class Store:
         with np.load(io.BytesIO(self.read_bytes(url)), allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
 
+    def children(self, url: str) -> list[str]:
+        """The URLs of the objects and folders directly under `url`, sorted; none if it does not exist."""
+        try:
+            paths = self.retrying("listing", url, lambda: self.fs.ls(self.path(url), detail=False))
+        except FileNotFoundError:
+            return []
+        prefix = url.rstrip("/") + "/"
+        return sorted(prefix + path.rstrip("/").rsplit("/", 1)[-1] for path in paths)
+
     def delete(self, url: str) -> None:
         path = self.path(url)
         if self.exists(url):
