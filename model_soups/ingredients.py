@@ -157,13 +157,28 @@ def record_failure(store: Store, layout: Layout, spec: IngredientSpec, reason: s
         log(f"ingredient {spec.id}: could not record its failure ({error})")
 
 
+def folder_shards(store: Store, url: str) -> list[str] | None:
+    """The safetensors files of a Hugging Face model folder, sharded (model.safetensors.index.json) or not; None
+    when `url` is no such folder."""
+    index = f"{url}/model.safetensors.index.json"
+    if store.exists(index):
+        return sorted({f"{url}/{name}" for name in store.read_json(index)["weight_map"].values()})
+    return [f"{url}/model.safetensors"] if store.exists(f"{url}/model.safetensors") else None
+
+
 def register_checkpoint(store: Store, layout: Layout, spec: IngredientSpec, pretrained: PretrainedRecord) -> IngredientRecord:
-    """Bring-your-own ingredient: check it against the pretrained model and record it, without training."""
-    with store.open_checkpoint(pretrained.url) as base, store.open_checkpoint(spec.checkpoint) as reader:
+    """Bring-your-own ingredient: check it against the pretrained model and record it, without training.
+    A Hugging Face model folder is joined into one checkpoint in the ingredient's own place first."""
+    url = spec.checkpoint
+    if (shards := folder_shards(store, url)) is not None:
+        state = {name: tensor for shard in shards for name, tensor in store.load_checkpoint(shard).items()}
+        url = layout.checkpoint(spec.id)
+        store.save_checkpoint(url, state, {"source": spec.checkpoint})
+    with store.open_checkpoint(pretrained.url) as base, store.open_checkpoint(url) as reader:
         merge.check_compatible(base.info, reader.info, spec.checkpoint)
         for name, tensor in reader.tensors():
             merge.check_finite(name, tensor, spec.checkpoint)
-    meta = IngredientRecord(id=spec.id, status="completed", checkpoint=spec.checkpoint, sha256=store.sha256(spec.checkpoint),
+    meta = IngredientRecord(id=spec.id, status="completed", checkpoint=url, sha256=store.sha256(url),
                             source="existing checkpoint")
     meta.write(store, layout.meta(spec.id))
     return meta

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,7 +18,7 @@ from model_soups.merge import Ingredient
 from model_soups.recipes import Recipe
 from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, Manifest, ManifestIngredient,
                                  ManifestSoup, PretrainedRecord, SoupRecord)
-from model_soups.storage import RunFolder
+from model_soups.storage import RunFolder, Store
 from model_soups.train import versions
 
 
@@ -55,7 +58,10 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
     store.write_json(run.file("cosine.json"), {"ids": [m.id for m in metas], "matrix": np.round(cosines, 6).tolist()})
 
     final = next(r for r in soup_records if r.method == config.soup.final)
-    store.copy(final.checkpoint, run.soup)
+    state = store.load_checkpoint(final.checkpoint, final.sha256)
+    store.save_checkpoint(run.soup, state, {  # the published file says what it is and where it came from
+        "method": final.method, "experiment": config.experiment, "run_id": run_id,
+        "ingredients": json.dumps([[m.id, m.sha256] for m in metas if m.id in final.ingredients])})
     greedy = next((r for r in soup_records if r.method == "greedy"), None)
     Manifest(
         experiment=config.experiment, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
@@ -72,5 +78,22 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
         config=config.model_dump(mode="json"), versions=versions(),
     ).write(store, run.manifest)
     paths = report.build_report(store, run.url)
+    if hf_folder := export_pretrained(store, run, recipe, state):
+        paths["hf"] = hf_folder
     log(f"published {run.url}")
     return {"run": run.url, "soup": run.soup, **paths}
+
+
+def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict) -> str | None:
+    """The soup as a Hugging Face folder, `hf/` in the run folder, with a model card; None for a recipe whose model
+    is not a transformers model."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if not recipe.export_pretrained(state, folder):
+            return None
+        card = report.model_card(store.read_json(run.manifest), report.read_results(store, run.url))
+        (folder / "README.md").write_text(card)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                store.write_bytes(run.file(f"hf/{path.relative_to(folder)}"), path.read_bytes())
+    return run.file("hf")

@@ -260,6 +260,30 @@ def embedded_markdown(store: Store, run_url: str) -> str:
     return re.sub(r"\]\(figures/([\w-]+)\.png\)", inline, store.read_bytes(run.file("report.md")).decode())
 
 
+def model_card(manifest: dict[str, Any], results: pd.DataFrame) -> str:
+    """README.md of the published Hugging Face folder, in the Hub's format: YAML metadata, then the soup."""
+    final = manifest["final"]
+    table = summary(results)
+    soup = manifest["soups"][final]
+    weights = soup["weights"] if isinstance(soup["weights"], list) else None
+    val = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
+    rows = [f"| `{i}` | {100 * val[i]:.2f} |" + (f" {weights[k]:.3g} |" if weights else " per tensor |")
+            for k, i in enumerate(soup["ingredients"])]
+    base = manifest["recipe"]["options"].get("model") or "sentence-transformers/all-MiniLM-L6-v2"
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-classification", f"base_model: {base}",
+        "tags:", "- model-soup", f"- {final}-soup", "---", "",
+        f"# Model soup: {manifest['experiment']}, run {manifest['run_id']}", "",
+        f"The {final} soup of {len(soup['ingredients'])} fine-tunes of one pretrained model: their weights averaged into "
+        "one model, at no extra inference cost ([Wortsman et al., Model soups, ICML 2022](https://arxiv.org/abs/2203.05482)). "
+        f"Published by model-soups from a sweep of {len(manifest['ingredients'])} fine-tunes.", "",
+        "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+        "model = AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(FOLDER)", "```", "",
+        "## Accuracy (%)", "", "`val` chose the ingredients; `test` and `ood:*` did not.", "", markdown_table(table), "",
+        "## Ingredients", "", "| ingredient | val accuracy | weight |", "|---|---|---|", *rows, ""])
+
+
 MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 HTML = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
 <html><head><meta charset="utf-8"><title>Model soup report</title><style>

@@ -1,5 +1,5 @@
-"""The `soup` command without a flow run: paths, errors and usage, the default config, the Prefect home."""
-
+"""The `soup` command and what users hand it, without a flow run: paths, Hugging Face folders, errors and usage,
+the default config, the Prefect home."""
 from __future__ import annotations
 
 import pytest
@@ -70,3 +70,34 @@ def test_the_cli_shares_the_checkouts_prefect_home_and_keeps_analytics_off(tmp_p
     chosen = {"PREFECT_HOME": "/elsewhere", "PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
     prefect_defaults(chosen, tmp_path)
     assert chosen["PREFECT_HOME"] == "/elsewhere" and chosen["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+
+
+def test_a_sharded_hugging_face_folder_joins_the_soup_as_its_unsharded_twin(tmp_path, monkeypatch):
+    from huggingface_hub import save_torch_state_dict
+
+    from model_soups.ingredients import register_checkpoint
+    from model_soups.merge import Ingredient, weighted_average
+    from model_soups.records import PretrainedRecord
+    from model_soups.recipes.digits import DigitsNet
+    from model_soups.storage import Layout
+
+    torch.manual_seed(0)
+    state = DigitsNet(width=8).state_dict()
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "whole").mkdir()
+    save_torch_state_dict(state, tmp_path / "sharded", max_shard_size="3KB")  # several shards and an index
+    save_torch_state_dict(state, tmp_path / "whole")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    store = Store(StorageConfig(root=f"file://{tmp_path}/store"))
+    layout = Layout(store, "hf")
+    pretrained_url = layout.pretrained("start")
+    pretrained = PretrainedRecord(url=pretrained_url, sha256=store.save_checkpoint(pretrained_url, state), fingerprint="start")
+    monkeypatch.chdir(tmp_path)
+    space = parse_config({"sweep": {"checkpoints": ["sharded", "whole"], "n": 1}}).sweep
+    recipe = get_recipe("digits", {"width": 8})
+    specs = [s for s in expand(space, recipe, recipe.fingerprint()) if s.checkpoint]
+    metas = [register_checkpoint(store, layout, spec, pretrained) for spec in specs]
+    sharded, whole = (weighted_average(store, [Ingredient(m.id, m.checkpoint, m.sha256)]) for m in metas)
+    assert sharded.keys() == whole.keys() == state.keys()
+    assert all(torch.equal(sharded[name], whole[name]) for name in state)

@@ -63,6 +63,31 @@ def test_text_recipe_fine_tunes_minilm_and_makes_a_soup(prefect_server, tmp_path
     assert meta["status"] == "completed" and meta["steps"] == 3
     assert (run / "soup.safetensors").stat().st_size > 50_000_000  # the whole MiniLM, not a toy
 
+    # the soup as a Hugging Face folder: from_pretrained gives the logits the pipeline evaluated
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = run / "hf"
+    assert {"config.json", "model.safetensors", "README.md", "modeling_soup.py", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "arxiv.org/abs/2203.05482" in card
+    assert all(i in card for i in manifest["soups"]["greedy"]["ingredients"])
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    test = pd.read_csv(files["test"])
+    encoded = tokenizer(test.text.tolist(), truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**encoded).logits.numpy()
+    key = manifest["soups"]["greedy"]["record"].rsplit("/", 2)[-2]
+    stored = np.load(tmp_path / "store" / "text" / "soups" / key / "test.npz")
+    assert np.allclose(logits, stored["logits"], atol=1e-4)
+    from safetensors import safe_open
+
+    with safe_open(run / "soup.safetensors", "pt") as published:
+        metadata = published.metadata()
+    assert metadata["run_id"] == manifest["run_id"] and metadata["method"] == "greedy"
+    assert {i for i, _ in json.loads(metadata["ingredients"])} == set(manifest["soups"]["greedy"]["ingredients"])
+
 
 def test_mean_pooling_with_per_batch_padding_gives_the_logits_of_the_padded_full_batch(tmp_path):
     files = write_sentiment_files(tmp_path)

@@ -8,6 +8,7 @@ import importlib
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -117,6 +118,11 @@ class Recipe(abc.ABC):
                     _LOADED.pop(next(iter(_LOADED)))
                 _LOADED[key] = self.load_split(split)
             return _LOADED[key]
+
+    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> bool:
+        """Write `state` into `folder` as a Hugging Face model folder (`from_pretrained` loads it); False when the
+        recipe's model is not a transformers model."""
+        return False
 
     def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return inputs

@@ -19,6 +19,7 @@ and training batches are grouped by length (`group_by_length`), so little comput
 from __future__ import annotations
 
 import hashlib
+import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -206,6 +207,22 @@ class Text(Recipe):
         if self.options.head == "linear-probe":
             probe_head(model, head, self.load_split("train"), self.eval_batch_size)
         return {name: value.detach().clone().contiguous() for name, value in model.state_dict().items()}
+
+    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> bool:
+        """config.json, model.safetensors and the tokenizer. Mean pooling is no architecture of transformers, so its
+        folder also carries modeling_soup.py, named in config.json's auto_map (load with trust_remote_code=True)."""
+        from safetensors.torch import save_file
+
+        config = self._config()
+        if self.options.pooling == "mean":
+            config.auto_map = {"AutoModelForSequenceClassification": "modeling_soup.MeanPoolForSequenceClassification"}
+            config.architectures = ["MeanPoolForSequenceClassification"]
+            shutil.copy(Path(__file__).with_name("modeling_soup.py"), folder / "modeling_soup.py")
+        config.save_pretrained(folder)
+        save_file({name: value.contiguous() for name, value in state.items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        self._tokenizer.save_pretrained(folder)
+        return True
 
     @cached_property
     def _tokenizer(self):
