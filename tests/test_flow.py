@@ -122,7 +122,9 @@ def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root)
     assert again["run"] != paths["run"]
     assert {folder: stored_mtimes(root, folder) for folder in before} == before
     first, second = (json.loads((local(p["run"]) / "manifest.json").read_text()) for p in (paths, again))
-    assert first["files"]["soup.safetensors"] == second["files"]["soup.safetensors"]
+    # the same stored soup, published again (each run's copy names its own run id in its metadata)
+    assert first["soups"]["greedy"] == second["soups"]["greedy"]
+    assert first["files"]["soup.safetensors"] != second["files"]["soup.safetensors"]
 
 
 def truncate_checkpoint(folder: Path) -> None:

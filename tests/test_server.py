@@ -140,5 +140,5 @@ def test_two_runs_of_one_experiment_at_once_train_each_ingredient_once(server, t
         meta = json.loads(path.read_text())
         assert store.sha256(meta["checkpoint"]) == meta["sha256"]
     manifests = [json.loads(p.read_text()) for p in (root / "twice" / "runs").glob("*/manifest.json")]
-    assert len(manifests) == 2 and manifests[0]["files"]["soup.safetensors"] == manifests[1]["files"]["soup.safetensors"]
+    assert len(manifests) == 2 and manifests[0]["soups"]["greedy"] == manifests[1]["soups"]["greedy"]  # one soup
     assert not list(root.rglob("*.partial-*")) and not list(root.rglob("lease.json"))
