@@ -133,12 +133,13 @@ def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: W
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient")
     weights = [1.0] * len(ingredients) if weights is None else weights
-    with ExitStack() as stack:
-        dtypes = {name: info.dtype for name, info in open_all(store, ingredients[:1], stack, reference)[0].info.items()}
+    if reference is None:  # the pipeline passes the pretrained header; alone, the first ingredient's is the reference
+        with ExitStack() as stack:
+            reference = open_all(store, ingredients[:1], stack)[0].info
     total = weighted_sum(store, ingredients, weights, accumulate, reference, device=device)
     # popped one by one and divided in place, so the sums and the soup never both exist in full
-    return {name: mean_of(total.pop(name), float(sum(weight_of(weights, name))), dtype, in_place=True)
-            for name, dtype in dtypes.items()}
+    return {name: mean_of(total.pop(name), float(sum(weight_of(weights, name))), info.dtype, in_place=True)
+            for name, info in reference.items()}
 
 
 def delta_cosines(store: Store, pretrained: Ingredient, ingredients: Sequence[Ingredient]) -> np.ndarray:
