@@ -1,5 +1,5 @@
-"""The `soup` command: run the flow on a config, the demo, list an experiment's runs, rebuild a report, inspect a
-checkpoint, print the default config.
+"""The `soup` command: run the flow on a config, the demo, list an experiment's runs, rebuild a report, push a
+run's Hugging Face folder, inspect a checkpoint, print the default config.
 
 Prefect is imported only once a flow runs, after `prefect_defaults` has chosen its home: the checkout's
 `.prefect/` (the one `make ui` serves) unless PREFECT_HOME is set, with analytics off unless asked for.
@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -86,6 +87,29 @@ def runs_command(experiment: str, root: str) -> int:
     return 0
 
 
+def push_command(run_url: str, repo: str, private: bool) -> int:
+    """Push a run's Hugging Face folder (hf/) to the Hub with huggingface_hub; the token comes from `hf auth login`
+    or HF_TOKEN. Not tested against the Hub: these machines cannot reach it."""
+    from huggingface_hub import HfApi
+
+    from model_soups.storage import RunFolder
+
+    run = RunFolder(as_url(run_url))
+    store = Store(StorageConfig(root=run.url))
+    files = store.children(run.file("hf"))
+    if not files:
+        raise StorageError(f"run {run.url} has no Hugging Face folder (hf/): only recipes that wrap a transformers "
+                           "model publish one, such as text")
+    with tempfile.TemporaryDirectory() as folder:
+        for url in files:
+            (Path(folder) / url.rsplit("/", 1)[1]).write_bytes(store.read_bytes(url))
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo, commit_message=f"model soup from {run.url}")
+    print(f"pushed {len(files)} files to {commit.repo_url}")
+    return 0
+
+
 def inspect_command(url: str) -> int:
     url = as_url(url)
     store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
@@ -117,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_parser = commands.add_parser("runs", help="an experiment's published runs and their soups' accuracy")
     runs_parser.add_argument("experiment")
     runs_parser.add_argument("--root", default=StorageConfig().root, help="the storage root (default: %(default)s)")
+    push_parser = commands.add_parser("push", help="push a run's Hugging Face folder to the Hub (untested here)")
+    push_parser.add_argument("run_url")
+    push_parser.add_argument("--repo", required=True, help="the Hub repository, user/name")
+    push_parser.add_argument("--private", action="store_true")
     config_parser = commands.add_parser("config", help="print the default config as commented YAML")
     config_parser.add_argument("--defaults", action="store_true", required=True)
     args, unknown = parser.parse_known_args(argv)
@@ -129,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(load_config(None, args.overrides))
         if args.command == "report":
             return report_command(args.run_url)
+        if args.command == "push":
+            return push_command(args.run_url, args.repo, args.private)
         if args.command == "runs":
             return runs_command(args.experiment, args.root)
         if args.command == "config":

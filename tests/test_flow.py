@@ -222,6 +222,14 @@ def test_cli_lists_an_experiments_runs_with_the_final_soups_accuracy(first_run, 
     assert main(["runs", "no-such-experiment", "--root", str(root)]) == 1
 
 
+def test_cli_push_refuses_a_run_without_a_hugging_face_folder(first_run, capsys):
+    from flows.cli import main
+
+    _, paths = first_run  # digits: no transformers model, so no hf/ folder to push
+    assert main(["push", paths["run"], "--repo", "me/soup"]) == 2
+    assert "has no Hugging Face folder (hf/): only recipes that wrap a transformers model" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_bad_override_before_running(capsys, tmp_path):
     from flows.cli import main
 
