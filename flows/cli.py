@@ -125,7 +125,7 @@ def inspect_command(url: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prefect_defaults(os.environ)
+    prefect_defaults(os.environ, CHECKOUT)
     parser = argparse.ArgumentParser(prog="soup", description="Model soups on Prefect")
     parser.add_argument("--version", action="version", version=f"soup {importlib.metadata.version('model-soups')}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -142,3 +142,27 @@ def test_two_runs_of_one_experiment_at_once_train_each_ingredient_once(server, t
     manifests = [json.loads(p.read_text()) for p in (root / "twice" / "runs").glob("*/manifest.json")]
     assert len(manifests) == 2 and manifests[0]["soups"]["greedy"] == manifests[1]["soups"]["greedy"]  # one soup
     assert not list(root.rglob("*.partial-*")) and not list(root.rglob("lease.json"))
+
+
+def test_a_soup_run_from_the_cli_shows_up_in_make_ui(tmp_path):
+    """`soup run` with no PREFECT_HOME keeps its runs in the checkout's .prefect/, which `make ui` serves."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "prefect.yaml").write_text("name: stand-in for the checkout\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(small_digits(f"file://{tmp_path}/store", experiment="home", n=1)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL",
+                                                            "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+    cli = (f"import sys; from pathlib import Path; import flows.cli as cli; cli.CHECKOUT = Path({str(checkout)!r}); "
+           f"sys.exit(cli.main(['run', {str(config_file)!r}]))")
+    run = subprocess.run([sys.executable, "-c", cli], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run_id = next(line for line in run.stdout.splitlines() if line.startswith("run folder:")).rsplit("/", 1)[1]
+
+    ui = PrefectServer(checkout / ".prefect")  # what `make ui` starts: PREFECT_HOME=<checkout>/.prefect
+    ui.start()
+    try:
+        runs = httpx.post(f"{ui.url}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"home-{run_id}"]}}}).json()
+    finally:
+        ui.stop()
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
