@@ -18,12 +18,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from model_soups.config import ConfigError, RunConfig, StorageConfig, default_yaml, load_config
-from model_soups.storage import StorageError, Store, as_url
+from model_soups.storage import RunFolder, StorageError, Store, as_url
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def prefect_defaults(environ: dict[str, str], checkout: Path = CHECKOUT) -> None:
+def prefect_defaults(environ: dict[str, str], checkout: Path) -> None:
     """One Prefect home for the CLI and `make ui`, and no analytics, unless the environment says otherwise."""
     if (checkout / "prefect.yaml").is_file():
         environ.setdefault("PREFECT_HOME", str(checkout / ".prefect"))
@@ -67,7 +67,6 @@ def report_command(run_url: str) -> int:
 def runs_command(experiment: str, root: str) -> int:
     """An experiment's published runs, oldest first, with what each final soup scored."""
     from model_soups import report
-    from model_soups.storage import RunFolder
 
     store = Store(StorageConfig(root=as_url(root)))
     rows = []
@@ -91,8 +90,6 @@ def push_command(run_url: str, repo: str, private: bool) -> int:
     """Push a run's Hugging Face folder (hf/) to the Hub with huggingface_hub; the token comes from `hf auth login`
     or HF_TOKEN. Not tested against the Hub: these machines cannot reach it."""
     from huggingface_hub import HfApi
-
-    from model_soups.storage import RunFolder
 
     run = RunFolder(as_url(run_url))
     store = Store(StorageConfig(root=run.url))

@@ -7,7 +7,7 @@ import re
 from prefect import flow, get_client, get_run_logger, runtime, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_soups.config import RunConfig
+from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id
 from tasks.cooking import cook_soup
@@ -34,7 +34,7 @@ def this_run(config: RunConfig) -> str:
     """The run id in this flow run's name, and tags to find the run by experiment and recipe in the UI."""
     name, prefix = runtime.flow_run.name or "", f"{config.experiment}-"
     run_id = name.removeprefix(prefix)
-    if not name.startswith(prefix) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run_id):
+    if not name.startswith(prefix) or not re.fullmatch(NAME_PATTERN, run_id):
         run_id = new_run_id()  # a name given by hand that is no run id
     tags = {*runtime.flow_run.tags, f"experiment:{config.experiment}", f"recipe:{config.recipe.name}"}
     with get_client(sync_client=True) as client:
