@@ -26,7 +26,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 from model_soups.config import parse_config  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 
-METHODS = ["best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]
+from model_soups.soups import SOUP_METHODS  # noqa: E402
+
+METHODS = ["best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble", "greedy_ensemble"]
 
 
 def correct_per_example(store: Store, layout: Layout, manifest: dict, kind: str, split: str) -> np.ndarray:
@@ -86,7 +88,15 @@ def evaluate_run(run_url: str) -> dict:
             row[name] = 100 * correct.mean()
             row[f"{name}_vs_best"] = paired(correct, best)
         table[kind] = row
-    table["greedy_soup"]["n_ingredients"] = len(manifest["soups"]["greedy"]["ingredients"])
+    for name in ["test"] + (["ood"] if ood else []):  # WiSE-FT of the greedy soup against that soup
+        greedy = (correct_per_example(store, layout, manifest, "greedy_soup", "test") if name == "test"
+                  else ood_correct(store, layout, manifest, "greedy_soup", ood))
+        wiseft = (correct_per_example(store, layout, manifest, "wiseft_soup", "test") if name == "test"
+                  else ood_correct(store, layout, manifest, "wiseft_soup", ood))
+        table["wiseft_soup"][f"{name}_vs_greedy"] = paired(wiseft, greedy)
+    for method, soup in manifest["soups"].items():  # how many ingredients, and what a task-vector method chose on val
+        table[f"{method}_soup"]["n_ingredients"] = len(soup["ingredients"])
+        table[f"{method}_soup"]["task"] = json.loads(store.read_bytes(soup["record"])).get("task")
     test = [store.read_arrays(layout.evaluation(i["id"], "test", "npz")) for i in manifest["ingredients"]]
     table["all"] = {"n_ingredients": len(manifest["ingredients"]), "val_size": len(correct_per_example(
         store, layout, manifest, "best_individual", "val")),
@@ -104,12 +114,20 @@ def fmt(values: list[float]) -> str:
     return f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def chosen(tasks: list[dict | None]) -> str:
+    """What a task-vector method chose on val in each run: lambda (alpha for WiSE-FT), k %, p."""
+    if not any(tasks):
+        return ""
+    return "; ".join(f"{t['scale']:g}" + (f" k{t['top_k']:g}" if "top_k" in t else "") + (f" p{t['drop']:g}" if "drop" in t else "")
+                     for t in tasks)
+
+
 def print_table(tables: list[dict], title: str) -> dict:
     has_ood = "ood" in tables[0]["best_individual"]
     print(f"\n{title}\n")
     print("| method | val | test | test - best (paired SE) [method only / best only right] |"
-          + (" mean OOD | OOD - best (paired SE) |" if has_ood else "") + " ingredients |")
-    print("|---|---|---|---|" + ("---|---|" if has_ood else "") + "---|")
+          + (" mean OOD | OOD - best (paired SE) |" if has_ood else "") + " ingredients | chosen on val, per seed |")
+    print("|---|---|---|---|" + ("---|---|" if has_ood else "") + "---|---|")
     summary = {}
     for kind in METHODS:
         rows = [t[kind] for t in tables]
@@ -120,10 +138,11 @@ def print_table(tables: list[dict], title: str) -> dict:
         if has_ood:
             o = [r["ood_vs_best"] for r in rows]
             line += f" {fmt([r['ood'] for r in rows])} | {fmt([x['diff_pp'] for x in o])} ({statistics.mean(x['se_pp'] for x in o):.2f}) |"
-        if kind in ("greedy_soup", "best_individual"):
-            line += f" {fmt([t['greedy_soup']['n_ingredients'] if kind == 'greedy_soup' else 1 for t in tables])} |"
-        else:
-            line += f" {'all ' + str(tables[0]['all']['n_ingredients']) if kind != 'greedy_ensemble' else 'greedy'} |"
+        sizes = [r.get("n_ingredients", 1 if kind == "best_individual" else t["all"]["n_ingredients"])
+                 for r, t in zip(rows, tables)]
+        everything = all(size == t["all"]["n_ingredients"] for size, t in zip(sizes, tables))
+        line += f" {'greedy' if kind == 'greedy_ensemble' else f'all {sizes[0]}' if everything else fmt(sizes)} |"
+        line += f" {chosen([r.get('task') for r in rows])} |"
         print(line)
         summary[kind] = rows
     greedy = [t["greedy_soup"] for t in tables]
@@ -145,6 +164,15 @@ def print_table(tables: list[dict], title: str) -> dict:
               + ", ".join(f"{d:+.2f}" for d in result[f"greedy_minus_best_{split}_per_seed"]))
     print(f"uniform_minus_median_test = {result['uniform_minus_median_test']:+.2f} pp; per seed: "
           + ", ".join(f"{d:+.2f}" for d in result["uniform_minus_median_test_per_seed"]))
+    for split in ["test"] + (["ood"] if has_ood else []):
+        diffs = [t["wiseft_soup"][f"{split}_vs_greedy"] for t in tables]
+        result[f"wiseft_minus_greedy_{split}"] = statistics.mean(d["diff_pp"] for d in diffs)
+        result[f"wiseft_minus_greedy_{split}_paired_se"] = statistics.mean(d["se_pp"] for d in diffs)
+        result[f"wiseft_minus_greedy_{split}_per_seed"] = [d["diff_pp"] for d in diffs]
+        print(f"wiseft_minus_greedy_{split} = {result[f'wiseft_minus_greedy_{split}']:+.2f} pp (paired SE "
+              f"{result[f'wiseft_minus_greedy_{split}_paired_se']:.2f}); per seed: "
+              + ", ".join(f"{d['diff_pp']:+.2f}" for d in diffs))
+    result["wiseft_alpha_per_seed"] = [t["wiseft_soup"]["task"]["scale"] for t in tables]
     print(f"greedy_size = {result['greedy_size']:.1f} of {tables[0]['all']['n_ingredients']}; per seed: {result['greedy_size_per_seed']}")
     return result
 

@@ -10,6 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id
+from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
 from tasks.evaluation import evaluate
 from tasks.ingredients import fan_out, prepare
@@ -61,8 +62,12 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
     val_accuracy = val_accuracies(evaluations)
 
-    soups = [cook_soup.submit(config, pretrained, metas, val_accuracy, method) for method in config.soup.methods]
-    soup_records = [future.result() for future in soups]
+    # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
+    first = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m) for m in config.soup.methods
+             if SOUP_METHODS[m].builds_on is None}
+    then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].builds_on(config.soup)])
+            for m in config.soup.methods if m not in first}
+    soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
     paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
     if failed:

@@ -124,7 +124,7 @@ class SearchSpace(Strict):
     )
 
 
-class SoupOptions(Strict):
+class SoupCommon(Strict):
     methods: list[SoupMethodName] = Field(default_factory=lambda: list(SOUP_METHODS), description="which soups to cook")
     final: SoupMethodName = Field("greedy", description="the soup that is published")
     rule: Literal[">=", ">"] = Field(
@@ -139,6 +139,26 @@ class SoupOptions(Strict):
     recompute_bn_examples: int = Field(2048, ge=1, description="the fixed train examples BatchNorm is re-estimated on")
     learned_steps: int = Field(100, ge=0, description="optimizer steps of the learned soup")
     learned_granularity: Literal["global", "per-layer"] = Field("per-layer", description="learned soup weights")
+
+    @model_validator(mode="after")
+    def _builds_on_a_cooked_soup(self) -> "SoupCommon":
+        for name in {*self.methods, self.final}:
+            method = SOUP_METHODS[name]
+            if method.builds_on is None:
+                continue
+            on, field = method.builds_on(self), f"{name}.on"
+            independent = [m for m in SOUP_METHODS if SOUP_METHODS[m].builds_on is None]
+            if on not in independent:
+                raise ValueError(f"{field}: {on!r} is not a soup it can build on; one of {', '.join(independent)}")
+            if on not in self.methods:
+                raise ValueError(f"{field}: the {on} soup is not cooked; add {on!r} to soup.methods")
+        return self
+
+
+# The common options, and one section per soup method that has options (soups.SOUP_METHODS), e.g. `soup.ties`.
+SoupOptions = create_model("SoupOptions", __base__=SoupCommon, **{
+    m.name: (m.options, Field(default_factory=m.options, description=(m.cook.__doc__ or "").split("\n")[0]))
+    for m in SOUP_METHODS.values() if m.options is not None})
 
 
 class ExecutionConfig(Strict):

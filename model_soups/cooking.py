@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from model_soups import merge, soups
+from model_soups import soups
 from model_soups.config import RunConfig
 from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
 from model_soups.ingredients import open_storage
@@ -28,11 +28,16 @@ def val_accuracies(evaluations: list[EvaluationRecord]) -> dict[str, float]:
 
 
 def soup_key(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-             val_accuracy: dict[str, float], method: str) -> str:
-    """A soup is determined by its method, the soup options and its ingredients: that is its storage key."""
-    options = config.soup.model_dump(exclude={"methods", "final", "ensembles"})
+             val_accuracy: dict[str, float], method: str, base: SoupRecord | None = None) -> str:
+    """A soup is determined by its method, the common soup options, its own options, its ingredients and the soup
+    it builds on: that is its storage key. Another method's options do not change it."""
+    sections = {name for name, m in soups.SOUP_METHODS.items() if m.options is not None}
+    options = config.soup.model_dump(exclude={"methods", "final", "ensembles", *sections})
+    if method in sections:
+        options[method] = getattr(config.soup, method).model_dump()
     ingredients = sorted((m.id, m.sha256, val_accuracy[m.id]) for m in metas)
-    return stable_hash({"method": method, "options": options, "pretrained": pretrained.sha256, "ingredients": ingredients})
+    return stable_hash({"method": method, "options": options, "pretrained": pretrained.sha256, "ingredients": ingredients,
+                        **({"base": base.key} if base is not None else {})})
 
 
 def batchnorm_subset(recipe: Recipe, examples: int) -> SplitData:
@@ -44,17 +49,20 @@ def batchnorm_subset(recipe: Recipe, examples: int) -> SplitData:
 
 
 def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-              val_accuracy: dict[str, float], method: str, log: Log) -> SoupRecord:
-    """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused."""
+              val_accuracy: dict[str, float], method: str, log: Log, base: SoupRecord | None = None) -> SoupRecord:
+    """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused. A method
+    that builds on another soup (`SoupMethod.builds_on`) is given that soup's record as `base`."""
+    if (soups.SOUP_METHODS[method].builds_on is not None) != (base is not None):
+        raise ValueError(f"the {method} soup is cooked with the record of the soup it builds on, and only it")
     store, layout = open_storage(config)
-    key = soup_key(config, pretrained, metas, val_accuracy, method)
+    key = soup_key(config, pretrained, metas, val_accuracy, method, base)
 
     def verify(record: SoupRecord) -> None:
         with store.open_checkpoint(record.checkpoint, record.sha256):
             pass
 
     record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
-                            lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log),
+                            lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log, base),
                             f"{method} soup {key}", log)
     if record.reused:
         log(f"{method} soup {key}: reused")
@@ -62,9 +70,10 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
 
 
 def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretrained: PretrainedRecord,
-          metas: list[IngredientRecord], val_accuracy: dict[str, float], method: str, key: str, log: Log) -> SoupRecord:
-    with store.open_checkpoint(pretrained.url) as base:
-        reference = base.info
+          metas: list[IngredientRecord], val_accuracy: dict[str, float], method: str, key: str, log: Log,
+          base: SoupRecord | None) -> SoupRecord:
+    with store.open_checkpoint(pretrained.url) as reader:
+        reference = reader.info
     val = recipe.dataset("val")
     model = recipe.build_model()
     batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
@@ -88,12 +97,14 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
         log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
         return accuracy
 
-    ctx = soups.SoupContext(store, soups.rank(ingredients_of(metas), val_accuracy), val_accuracy, reference,
-                            config.soup, score, model, val, recipe.eval_batch_size)
+    ranked = soups.rank(ingredients_of(metas), val_accuracy)
+    start = Ingredient("pretrained", pretrained.url, pretrained.sha256)
+    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, config.soup, score, model, val, recipe.eval_batch_size,
+                            pretrained=start, base=[next(i for i in ranked if i.id == b) for b in base.ingredients] if base else None)
     started = time.time()
     soup = soups.SOUP_METHODS[method].cook(ctx)
-    state = merge.weighted_average(store, soup.ingredients, soup.weights, soups.ACCUMULATE[config.soup.accumulate], reference)
-    batchnorm = as_published(state, len(soup.ingredients))
+    state = soups.soup_state(store, soup, start, reference, soups.ACCUMULATE[config.soup.accumulate])
+    batchnorm = as_published(state, soup.members)
     model.eval()
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # the model may sit on a GPU
     url = layout.soup(key)
@@ -103,6 +114,7 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
                                                recipe.eval_batch_size) for split in recipe.splits()}
     record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
+                        task=soup.task.describe() if soup.task else None,
                         candidate_evaluations=evaluations, candidate_seconds=round(evaluation_s, 4),
                         seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics)
     record.write(store, layout.soup_record(key))

@@ -139,6 +139,7 @@ class SoupRecord(Record):
     ingredients: list[str]
     trajectory: list[dict[str, Any]] = Field(default_factory=list)
     weights: list[float] | dict[str, list[float]]
+    task: dict[str, Any] | None = None  # a task-vector merge: theta_0 + scale * combine(deltas), as chosen on val
     candidate_evaluations: int = 0
     candidate_seconds: float = 0.0
     seconds: float = 0.0

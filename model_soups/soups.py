@@ -1,23 +1,29 @@
 """Soup methods (one registry), ensembles from stored logits, and the best individual.
 
-Every soup method returns a `Soup`: which ingredients, with which weights (global or per tensor). The
-weights are then applied by the streamed `merge.weighted_average`, so every soup is cooked the same way.
+Every soup method returns a `Soup`: which ingredients, with which weights (global or per tensor), applied by
+the streamed `merge.weighted_average`; or, for the task-vector methods (WiSE-FT, task arithmetic, TIES, DARE),
+which ingredients and which `TaskMerge` of their deltas from the pretrained start (`task_vectors`). A method
+with options declares them as a pydantic model: they become its section of the config's `soup`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import groupby
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from scipy.special import log_softmax
 from torch.func import functional_call
 
-from model_soups.merge import Ingredient, mean_of, weighted_sum
+from model_soups import task_vectors
+from model_soups.merge import Ingredient, mean_of, weighted_average, weighted_sum
 from model_soups.recipes import SplitData, logits_of
 from model_soups.storage import Store, TensorInfo
+from model_soups.task_vectors import TaskMerge
 
 if TYPE_CHECKING:  # the config takes its list of soup methods from this module's registry
     from model_soups.config import SoupOptions
@@ -31,11 +37,18 @@ class Soup:
     ingredients: list[Ingredient]
     weights: list[float] | dict[str, list[float]]
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    task: TaskMerge | None = None  # theta_0 + scale * combine(deltas of the ingredients), instead of the weights
+
+    @property
+    def members(self) -> int:
+        """The models mixed: the ingredients, and the pretrained start in a task-vector merge."""
+        return len(self.ingredients) + (self.task is not None)
 
 
 @dataclass
 class SoupContext:
-    """What a soup method may use. `ranked` is sorted by val accuracy, best first."""
+    """What a soup method may use. `ranked` is sorted by val accuracy, best first; `pretrained` is the start every
+    ingredient was fine-tuned from; `base` holds the ingredients of the soup a method builds on (`builds_on`)."""
 
     store: Store
     ranked: list[Ingredient]
@@ -46,6 +59,66 @@ class SoupContext:
     model: torch.nn.Module
     val: SplitData
     eval_batch_size: int = 256
+    pretrained: Ingredient | None = None
+    base: list[Ingredient] | None = None
+
+
+class MethodOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _values(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("empty: give one value (fixed) or several (chosen on val)")
+    return [value] if isinstance(value, (int, float)) else value
+
+
+def _grid(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A list of values chosen among on val, each in its range; one number fixes the value."""
+    bounds = {"gt" if low_open else "ge": low, "lt" if high_open else "le": high}
+    return Annotated[list[Annotated[float, Field(allow_inf_nan=False, **bounds)]], BeforeValidator(_values)]
+
+
+Alphas, Scales, TopK, Drops = _grid(0, 1), _grid(0, 10, low_open=True), _grid(0, 100, low_open=True), _grid(0, 1, high_open=True)
+ALPHAS = [round(0.1 * i, 1) for i in range(11)]
+SUM_SCALES = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]  # lambda on a sum of deltas: 1/N is the uniform soup
+MEAN_SCALES = [0.5, 0.8, 1.0, 1.2, 1.5, 1.8]  # lambda on TIES's disjoint mean: 1 keeps the mean's magnitude
+
+
+class WiseFTOptions(MethodOptions):
+    on: str = Field("greedy", description="the soup interpolated with the pretrained start: one of soup.methods")
+    alpha: Alphas = Field(default_factory=lambda: list(ALPHAS), description="alpha in (1-alpha)*theta_0 + alpha*theta_soup, "
+                          "chosen on val among these (one value fixes it); 0 is the pretrained start, 1 the soup")
+
+
+class WiseFTBestOptions(MethodOptions):
+    alpha: Alphas = Field(default_factory=lambda: list(ALPHAS), description="alpha in (1-alpha)*theta_0 + "
+                          "alpha*theta_best, chosen on val among these (one value fixes it)")
+
+
+class TaskArithmeticOptions(MethodOptions):
+    scale: Scales = Field(default_factory=lambda: list(SUM_SCALES), description="lambda in theta_0 + lambda * "
+                          "sum_i (theta_i - theta_0), in (0, 10], chosen on val among these (one value fixes it)")
+
+
+class TiesOptions(MethodOptions):
+    top_k: TopK = Field([10.0, 20.0, 50.0], description="% of each delta's entries kept by magnitude (per tensor), in "
+                        "(0, 100], chosen on val among these")
+    scale: Scales = Field(default_factory=lambda: list(MEAN_SCALES), description="lambda on the disjoint mean, in (0, 10], "
+                          "chosen on val among these")
+
+
+class DareOptions(MethodOptions):
+    drop: Drops = Field([0.5, 0.9], description="probability p that a delta entry is dropped (the rest are rescaled by "
+                        "1/(1-p)), in [0, 1), chosen on val among these")
+    scale: Scales = Field(default_factory=lambda: list(SUM_SCALES), description="lambda on the sum of the dropped and "
+                          "rescaled deltas, as in task arithmetic, chosen on val among these")
+    seed: int = Field(0, description="seed of the drop masks (one per ingredient and tensor)")
+
+
+class DareTiesOptions(DareOptions):
+    scale: Scales = Field(default_factory=lambda: list(MEAN_SCALES), description="lambda on the disjoint mean of the "
+                          "dropped and rescaled deltas, as in TIES, chosen on val among these")
 
 
 @dataclass(frozen=True)
@@ -53,6 +126,8 @@ class SoupMethod:
     name: str
     cook: Callable[[SoupContext], Soup]
     color: str  # in the report's figures
+    options: type[MethodOptions] | None = None  # its section `soup.<name>` of the config
+    builds_on: Callable[[SoupOptions], str] | None = None  # the method whose soup it needs (cooked first)
 
     @property
     def kind(self) -> str:
@@ -64,9 +139,10 @@ class SoupMethod:
 SOUP_METHODS: dict[str, SoupMethod] = {}
 
 
-def soup_method(name: str, color: str):
+def soup_method(name: str, color: str, options: type[MethodOptions] | None = None,
+                builds_on: Callable[[SoupOptions], str] | None = None):
     def register(cook: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
-        SOUP_METHODS[name] = SoupMethod(name, cook, color)
+        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on)
         return cook
     return register
 
@@ -130,6 +206,74 @@ def learned_soup(ctx: SoupContext) -> Soup:
     weights = torch.softmax(alpha.detach(), dim=1)
     return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in stacks} | {
         name: [1.0] + [0.0] * (len(ctx.ranked) - 1) for name in fixed})
+
+
+def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges: list[TaskMerge]) -> Soup:
+    """Score every candidate merge on val and keep the best (the first of equals, in the order given). Candidates
+    that differ only in `scale` share one pass over the checkpoints; each costs one evaluation."""
+    accumulate = ACCUMULATE[ctx.options.accumulate]
+    theta0 = weighted_sum(ctx.store, [ctx.pretrained], None, accumulate, ctx.reference) if ctx.pretrained else None
+    trajectory, best = [], None
+    for shape, group in groupby(merges, key=lambda m: replace(m, scale=1.0)):
+        tau = task_vectors.task_vector(ctx.store, ctx.pretrained, ingredients, shape, accumulate, ctx.reference)
+        for merge in group:
+            score = ctx.score(task_vectors.apply(theta0, tau, merge.scale, ctx.reference), len(ingredients) + 1)
+            trajectory.append({**merge.describe(), "soup_val": score, "chosen": False})
+            if best is None or score > trajectory[best]["soup_val"]:
+                best = len(trajectory) - 1
+        del tau
+    trajectory[best]["chosen"] = True
+    chosen = merges[best]
+    return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
+
+
+@soup_method("wiseft", color="#17becf", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on)
+def wiseft_soup(ctx: SoupContext) -> Soup:
+    """WiSE-FT (Wortsman et al., CVPR 2022) of a soup: (1-alpha)*theta_0 + alpha*theta_soup, alpha chosen on val."""
+    return search(ctx, "wiseft", ctx.base, [TaskMerge("mean", a) for a in ctx.options.wiseft.alpha])
+
+
+@soup_method("wiseft_best", color="#7f7f7f", options=WiseFTBestOptions)
+def wiseft_best(ctx: SoupContext) -> Soup:
+    """WiSE-FT of the best individual fine-tune."""
+    return search(ctx, "wiseft_best", ctx.ranked[:1], [TaskMerge("mean", a) for a in ctx.options.wiseft_best.alpha])
+
+
+@soup_method("task_arithmetic", color="#bcbd22", options=TaskArithmeticOptions)
+def task_arithmetic(ctx: SoupContext) -> Soup:
+    """Task arithmetic (Ilharco et al., ICLR 2023): theta_0 + lambda * sum of the deltas, lambda chosen on val."""
+    return search(ctx, "task_arithmetic", ctx.ranked, [TaskMerge("sum", x) for x in ctx.options.task_arithmetic.scale])
+
+
+@soup_method("ties", color="#e377c2", options=TiesOptions)
+def ties(ctx: SoupContext) -> Soup:
+    """TIES-merging: trim each delta to its top-k%, elect signs, disjoint mean; k and lambda chosen on val."""
+    o = ctx.options.ties
+    return search(ctx, "ties", ctx.ranked, [TaskMerge("ties", x, top_k=k) for k in o.top_k for x in o.scale])
+
+
+@soup_method("dare", color="#8c564b", options=DareOptions)
+def dare(ctx: SoupContext) -> Soup:
+    """DARE with the linear merge: drop and rescale every delta, then task arithmetic; p and lambda chosen on val."""
+    o = ctx.options.dare
+    return search(ctx, "dare", ctx.ranked, [TaskMerge("sum", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
+
+
+@soup_method("dare_ties", color="#ff7f0e", options=DareTiesOptions)
+def dare_ties(ctx: SoupContext) -> Soup:
+    """DARE with the TIES merge: drop and rescale every delta, elect signs, disjoint mean."""
+    o = ctx.options.dare_ties
+    return search(ctx, "dare_ties", ctx.ranked, [TaskMerge("ties", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
+
+
+def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, reference: Mapping[str, TensorInfo],
+               accumulate: torch.dtype) -> dict[str, torch.Tensor]:
+    """The soup's weights, computed exactly as its method scored them."""
+    if soup.task is None:
+        return weighted_average(store, soup.ingredients, soup.weights, accumulate, reference)
+    theta0 = weighted_sum(store, [pretrained], None, accumulate, reference) if pretrained else None
+    tau = task_vectors.task_vector(store, pretrained, soup.ingredients, soup.task, accumulate, reference)
+    return task_vectors.apply(theta0, tau, soup.task.scale, reference)
 
 
 def mix(stacks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,6 @@ from tasks import QUIET
 
 @task(name="cook-soup", task_run_name="cook-{method}-soup", **QUIET)
 def cook_soup(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-              val_accuracy: dict[str, float], method: str) -> SoupRecord:
+              val_accuracy: dict[str, float], method: str, base: SoupRecord | None = None) -> SoupRecord:
     recipe = get_recipe(config.recipe.name, config.recipe.options)
-    return cooking.cook_soup(config, recipe, pretrained, metas, val_accuracy, method, get_run_logger().info)
+    return cooking.cook_soup(config, recipe, pretrained, metas, val_accuracy, method, get_run_logger().info, base)

@@ -1,0 +1,117 @@
+"""Merges of task vectors tau_i = theta_i - theta_0: WiSE-FT, task arithmetic, TIES-merging and DARE.
+
+Every one is theta_0 + scale * combine(tau_1, ..., tau_N), computed one tensor at a time over all the
+checkpoints (the pretrained start and each ingredient open at once, read tensor by tensor):
+- `mean` / `sum`: linear (WiSE-FT is the mean over a soup's ingredients, task arithmetic the sum);
+- `ties`: sign election and disjoint mean (Yadav et al., NeurIPS 2023), after the TIES trim to the top-k%
+  of each delta's entries by magnitude, or after DARE's drop;
+- `drop` (DARE, Yu et al. 2023): each delta entry is dropped with probability p and the rest rescaled by
+  1/(1-p), from a generator seeded by (seed, ingredient id, tensor name), so a merge is reproducible and
+  does not depend on the order of the ingredients.
+
+The trim is per tensor, as mergekit does it, so that nothing needs a whole delta in memory. Peak memory:
+the merged task vector and theta_0 (one model each, in the accumulation dtype) and, for one tensor at a
+time, the N deltas of that tensor (`ties`) or one running sum (`mean`, `sum`): with N = 16 and the largest
+tensor of all-MiniLM-L6-v2 (the 30522 x 384 embedding, 47 MB in float32), 750 MB on top of the models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from model_soups.merge import Ingredient, check_finite, open_all
+from model_soups.storage import CorruptCheckpoint, Store, TensorInfo
+
+
+@dataclass(frozen=True)
+class TaskMerge:
+    """theta_0 + scale * combine(tau_1..tau_N)."""
+
+    combine: Literal["mean", "sum", "ties"]
+    scale: float = 1.0
+    top_k: float | None = None  # TIES trim: the % of each delta's entries kept, by magnitude, per tensor
+    drop: float | None = None  # DARE: the probability an entry of a delta is dropped
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and not (k == "seed" and self.drop is None)}
+
+
+def dare_keep(shape: Sequence[int], drop: float, seed: int, ingredient: str, name: str) -> torch.Tensor:
+    """DARE's mask for one tensor of one ingredient: True where the entry is kept (probability 1 - drop)."""
+    digest = hashlib.sha256(f"{seed}/{ingredient}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float64) >= drop
+
+
+def trim(delta: torch.Tensor, top_k: float) -> torch.Tensor:
+    """Keep the top_k % of entries by magnitude (at least one; entries tied with the last one kept stay too)."""
+    keep = max(1, round(delta.numel() * top_k / 100))
+    if keep >= delta.numel():
+        return delta
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def elect_and_mean(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES: per entry, the sign of the summed deltas, then the mean of the deltas that have that sign."""
+    sign = torch.sign(deltas.sum(dim=0))
+    agrees = (torch.sign(deltas) == sign) & (deltas != 0)
+    count = agrees.sum(dim=0)
+    return torch.where(count > 0, (deltas * agrees).sum(dim=0) / count.clamp_min(1), torch.zeros_like(sign))
+
+
+def task_vector(store: Store, pretrained: Ingredient | None, ingredients: Sequence[Ingredient], merge: TaskMerge,
+                accumulate: torch.dtype, reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and
+    the first ingredient's integer and boolean buffers. Every checkpoint's sha256 is checked as it closes."""
+    if pretrained is None:
+        raise ValueError(f"a task-vector merge ({merge.combine}) needs the pretrained start theta_0: the run has none. "
+                         "Give the recipe a pretrained checkpoint, or cook only uniform, greedy and learned soups")
+    if not ingredients:
+        raise ValueError("a soup needs at least one ingredient")
+    out: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        try:
+            (base,) = open_all(store, [pretrained], stack, reference)
+        except CorruptCheckpoint as error:
+            raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
+        readers = open_all(store, ingredients, stack, reference)
+        for name, info in reference.items():
+            if not info.dtype.is_floating_point:
+                out[name] = readers[0].tensor(name)  # integer and boolean buffers: the first ingredient's
+                continue
+            theta0 = base.tensor(name).to(accumulate)
+            total, deltas = None, []
+            for ingredient, reader in zip(ingredients, readers):
+                tensor = reader.tensor(name)
+                check_finite(name, tensor, reader.url)
+                delta = tensor.to(accumulate) - theta0
+                if merge.drop is not None:
+                    delta = torch.where(dare_keep(info.shape, merge.drop, merge.seed, ingredient.id, name),
+                                        delta / (1 - merge.drop), torch.zeros_like(delta))
+                if merge.top_k is not None:
+                    delta = trim(delta, merge.top_k)
+                if merge.combine == "ties":
+                    deltas.append(delta)
+                else:
+                    total = delta if total is None else total.add_(delta)
+            if merge.combine == "ties":
+                out[name] = elect_and_mean(torch.stack(deltas))
+                del deltas
+            else:
+                out[name] = total / len(ingredients) if merge.combine == "mean" else total
+    return out
+
+
+def apply(theta0: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor], scale: float,
+          reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """theta_0 + scale * tau in each tensor's own dtype (theta_0 and tau in the accumulation dtype); integer and
+    boolean buffers as `task_vector` gives them."""
+    return {name: (theta0[name] + scale * tau[name]).to(info.dtype) if info.dtype.is_floating_point else tau[name]
+            for name, info in reference.items()}
