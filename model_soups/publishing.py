@@ -72,7 +72,7 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
         failed=failed, best_individual=best,
         soups={r.method: ManifestSoup(ingredients=r.ingredients, checkpoint=r.checkpoint, sha256=r.sha256,
                                       record=layout.soup_record(r.key), weights=r.weights, batchnorm=r.batchnorm,
-                                      candidate_evaluations=r.candidate_evaluations) for r in soup_records},
+                                      candidate_evaluations=r.candidate_evaluations, task=r.task) for r in soup_records},
         greedy_trajectory=greedy.trajectory if greedy else [],
         files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
         config=config.model_dump(mode="json"), versions=versions(),

@@ -170,6 +170,7 @@ class ManifestSoup(BaseModel):
     weights: list[float] | dict[str, list[float]]
     batchnorm: str
     candidate_evaluations: int
+    task: dict[str, Any] | None = None
 
 
 class Manifest(Record):

@@ -96,7 +96,7 @@ def figure_id_vs_ood(results: pd.DataFrame) -> bytes | None:
     axis.set_xlabel("test accuracy (%)")
     axis.set_ylabel(f"mean accuracy over {len(ood)} distribution shifts (%)")
     axis.set_title("In distribution vs under distribution shift")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     axis.grid(alpha=0.3)
     return _png(figure)
 
@@ -118,6 +118,39 @@ def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
     axis.set_title("Greedy soup: each ingredient tried once")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def figure_searches(trajectories: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """Val accuracy of every candidate of each task-vector soup along its scale (alpha or lambda), one line per
+    TIES k or DARE p; the chosen one starred."""
+    if not trajectories:
+        return None
+    columns = min(3, len(trajectories))
+    rows = -(-len(trajectories) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, (method, trajectory) in zip(axes.flat, trajectories.items()):
+        lines = pd.DataFrame(trajectory).assign(soup_val=lambda f: 100 * f.soup_val)
+        line_of = [c for c in ("top_k", "drop") if c in lines]
+        for value, group in lines.groupby(line_of) if line_of else [((), lines)]:
+            label = ", ".join(f"{'k' if c == 'top_k' else 'p'} {v:g}" for c, v in zip(line_of, np.atleast_1d(value)))
+            axis.plot(group["scale"], group["soup_val"], "o-", ms=3, lw=1, label=label or None)
+        best = lines[lines.chosen]
+        axis.scatter(best["scale"], best["soup_val"], marker="*", s=150, c=COLORS[SOUP_METHODS[method].kind],
+                     edgecolors="black", linewidths=0.5, zorder=3)
+        top = float(best["soup_val"].iloc[0])
+        axis.set_ylim(top - 4, top + 1)  # the neighbourhood of the choice; candidates far below leave the panel
+        axis.set_title(method.replace("_", " "), fontsize=10)
+        axis.set_xlabel("α" if method.startswith("wiseft") else "λ")
+        axis.grid(alpha=0.3)
+        if line_of:
+            axis.legend(fontsize=7)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("val accuracy (%)")
+    for axis in list(axes.flat)[len(trajectories):]:
+        axis.set_visible(False)
+    figure.suptitle("Task-vector soups: val accuracy of each candidate near the chosen one (★)")
+    figure.tight_layout()
     return _png(figure)
 
 
@@ -163,14 +196,26 @@ def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list
     return ids, matrix, labels
 
 
-def methods_table(results: pd.DataFrame) -> pd.DataFrame:
-    """`summary` with the test split's NLL and ECE: calibration next to accuracy."""
+def methods_table(results: pd.DataFrame, soups: dict[str, dict] | None = None) -> pd.DataFrame:
+    """`summary` with the test split's NLL and ECE (calibration next to accuracy), and what each task-vector soup
+    chose on val (`soups`: the manifest's)."""
     table = summary(results)
     test = results[(results.kind != "ingredient") & (results.split == "test")].groupby("kind").first()
     for column in ("nll", "ece"):
         if column in test:
             table[f"test_{column}"] = test[column].reindex(table.index)
+    chosen = {SOUP_METHODS[m].kind: chosen_merge(m, s["task"]) for m, s in (soups or {}).items() if s.get("task")}
+    if chosen:
+        table["chosen on val"] = [chosen.get(kind, "") for kind in table.index]
     return table
+
+
+def chosen_merge(method: str, task: dict[str, Any]) -> str:
+    """alpha for WiSE-FT, lambda for the other task-vector merges, with TIES's k and DARE's p."""
+    words = [f"{'α' if method.startswith('wiseft') else 'λ'} {task['scale']:g}"]
+    words += [f"k {task['top_k']:g}%"] if "top_k" in task else []
+    words += [f"p {task['drop']:g}"] if "drop" in task else []
+    return ", ".join(words)
 
 
 def ingredients_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -214,9 +259,12 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
     cosine_url = run.file("cosine.json")
     cosine = store.read_json(cosine_url) if store.exists(cosine_url) else {"ids": [], "matrix": []}
     trajectory = manifest.get("greedy_trajectory", [])
+    searches = {method: store.read_json(soup["record"])["trajectory"] for method, soup in manifest["soups"].items()
+                if soup.get("task")}
     figures = {
         "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
         "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
+        "searches": ("Task-vector soups: val accuracy of each candidate", figure_searches(searches)),
         "splits": ("Accuracy per split and method", figure_splits(results)),
         "cosine": ("Cosine similarity of fine-tune deltas", figure_cosines(*cosine_order(cosine, manifest))),
     }
@@ -231,7 +279,7 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
                     f"`ood:*` did not. {what_happened(results, trajectory)}"),
-        ("Methods", markdown_table(methods_table(results))),
+        ("Methods", markdown_table(methods_table(results, manifest.get("soups")))),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
         ("Ingredients", markdown_table(ingredients_table(results))),

@@ -81,7 +81,7 @@ def _grid(low: float, high: float, low_open: bool = False, high_open: bool = Fal
 
 Alphas, Scales, TopK, Drops = _grid(0, 1), _grid(0, 10, low_open=True), _grid(0, 100, low_open=True), _grid(0, 1, high_open=True)
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-SUM_SCALES = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]  # lambda on a sum of deltas: 1/N is the uniform soup
+SUM_SCALES = [0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0]  # lambda on a sum of N deltas: 1/N is the uniform soup
 MEAN_SCALES = [0.5, 0.8, 1.0, 1.2, 1.5, 1.8]  # lambda on TIES's disjoint mean: 1 keeps the mean's magnitude
 
 
@@ -227,13 +227,13 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
     return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
 
 
-@soup_method("wiseft", color="#17becf", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on)
+@soup_method("wiseft", color="#ffd700", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on)
 def wiseft_soup(ctx: SoupContext) -> Soup:
     """WiSE-FT (Wortsman et al., CVPR 2022) of a soup: (1-alpha)*theta_0 + alpha*theta_soup, alpha chosen on val."""
     return search(ctx, "wiseft", ctx.base, [TaskMerge("mean", a) for a in ctx.options.wiseft.alpha])
 
 
-@soup_method("wiseft_best", color="#7f7f7f", options=WiseFTBestOptions)
+@soup_method("wiseft_best", color="#aec7e8", options=WiseFTBestOptions)
 def wiseft_best(ctx: SoupContext) -> Soup:
     """WiSE-FT of the best individual fine-tune."""
     return search(ctx, "wiseft_best", ctx.ranked[:1], [TaskMerge("mean", a) for a in ctx.options.wiseft_best.alpha])
