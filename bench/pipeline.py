@@ -10,7 +10,11 @@ With `--text-train`, it also times text fine-tune steps (all-MiniLM-L6-v2, batch
 ways, interleaved step by step so that the machine's noise hits all three alike: padded to the split's
 longest sentence (what the text recipe did before), padded per batch, and with length-grouped batches.
 
-    python bench/pipeline.py [--n 10] [--text-train ../shared/data/sst2/train.tsv] [--no-flow]
+With `--overlap`, it runs the demo config twice on 2 device slots, evaluating after the last fine-tune (the
+barrier) and as each fine-tune's checkpoint is verified (pipelined), and reports both wall times, the
+evaluation stage, how much of it ran while fine-tunes did, and whether the soups are byte-identical.
+
+    python bench/pipeline.py [--n 10] [--text-train ../shared/data/sst2/train.tsv] [--no-flow] [--overlap]
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,14 +39,16 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 
 from flows.model_soup import model_soup  # noqa: E402
 from model_soups.config import parse_config  # noqa: E402
+from model_soups.ingredients import ensure_pretrained, make_plan, open_storage  # noqa: E402
 from model_soups.recipes import SplitData, get_recipe  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 from model_soups.train import batches  # noqa: E402
 
 
-def run(slots: int, n: int) -> dict:
-    root = "file://" + tempfile.mkdtemp(prefix=f"soup-pipeline-{slots}-")
-    config = parse_config({"storage": {"root": root}, "sweep": {"n": n}, "execution": {"device_slots": slots}})
+def run(slots: int, n: int, pipeline: bool = True, root: str | None = None) -> dict:
+    root = root or "file://" + tempfile.mkdtemp(prefix=f"soup-pipeline-{slots}-")
+    config = parse_config({"storage": {"root": root}, "sweep": {"n": n},
+                           "execution": {"device_slots": slots, "pipeline": pipeline}})
     called = time.time()
     state = model_soup(config=config, return_state=True)
     returned = time.time()
@@ -50,6 +58,8 @@ def run(slots: int, n: int) -> dict:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), limit=200)
     finetunes = [t for t in task_runs if t.name.startswith("finetune-")]
     stage_s = (max(t.end_time for t in finetunes) - min(t.start_time for t in finetunes)).total_seconds()
+    evaluations = [(t.start_time, t.end_time) for t in task_runs if t.name.startswith("evaluate-")]
+    last_finetune = max(t.end_time for t in finetunes)
     wall_s = (flow_run.end_time - flow_run.start_time).total_seconds()
 
     store = Store(config.storage)
@@ -58,7 +68,14 @@ def run(slots: int, n: int) -> dict:
     train_s = sum(store.read_json(layout.meta(i["id"]))["seconds"] for i in manifest["ingredients"])
     greedy = store.read_json(manifest["soups"]["greedy"]["record"])
     busy_s = union_seconds([(t.start_time, t.end_time) for t in task_runs])
-    return {"slots": slots, "n": n, "flow_wall_s": wall_s, "tasks_busy_s": busy_s,
+    return {"slots": slots, "n": n, "pipeline": pipeline, "flow_wall_s": wall_s, "tasks_busy_s": busy_s,
+            # the evaluation stage: time in which some evaluation ran; and the part of it before the last fine-tune ended
+            "evaluation_s": union_seconds(evaluations),
+            "evaluation_overlapping_finetunes_s": union_seconds([(a, min(b, last_finetune)) for a, b in evaluations if a < last_finetune]),
+            "evaluation_after_finetunes_s": union_seconds([(max(a, last_finetune), b) for a, b in evaluations if b > last_finetune]),
+            "soups": {method: soup["sha256"] for method, soup in manifest["soups"].items()},
+            "prepare_s": union_seconds([(t.start_time, t.end_time) for t in task_runs if t.name.startswith("prepare")]),
+            "cooking_s": union_seconds([(t.start_time, t.end_time) for t in task_runs if t.name.startswith("cook-")]),
             "overhead_fraction": (wall_s - busy_s) / wall_s, "server_and_setup_s": (returned - called) - wall_s,
             "finetune_stage_s": stage_s, "train_loop_s": train_s,
             "per_finetune_overhead_s": (stage_s * slots - train_s) / n,
@@ -125,12 +142,52 @@ def print_text_steps(result: dict) -> None:
           f"length_grouped_ratio = {result['length-grouped']['ratio_to_split_wide']:.2f} (goal <= 0.35)")
 
 
+def overlap_runs(n: int, repeats: int) -> list[tuple[dict, dict]]:
+    """(barrier, pipelined) pairs, interleaved, on one root whose pretrained start is built once beforehand; before
+    each run everything else is deleted, so both train and evaluate every ingredient afresh."""
+    root = "file://" + tempfile.mkdtemp(prefix="soup-overlap-")
+    config = parse_config({"storage": {"root": root}, "sweep": {"n": n}})
+    store, layout = open_storage(config)
+    ensure_pretrained(store, layout, make_plan(config), print)
+    pairs = []
+    for _ in range(repeats):
+        pair = []
+        for pipeline in (False, True):
+            for folder in ("ingredients", "evals", "soups", "runs"):
+                shutil.rmtree(Path(root.removeprefix("file://")) / config.experiment / folder, ignore_errors=True)
+            pair.append(run(2, n, pipeline, root))
+        pairs.append(tuple(pair))
+    return pairs
+
+
+def print_overlap(barrier: dict, pipelined: dict) -> dict:
+    """Barrier vs pipelined evaluation on the same config: wall times, the evaluation stage, the overlap."""
+    print(f"\nEvaluation pipelined with fine-tuning, demo config (digits, {barrier['n']} ingredients, "
+          f"{barrier['slots']} device slots), fresh storage each\n")
+    print("| evaluation | flow wall s | prepare s | fine-tune stage s | evaluation stage s | of it while fine-tunes ran s "
+          "| after the last fine-tune s | cooking s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in (("barrier", barrier), ("pipelined", pipelined)):
+        print(f"| {name} | {r['flow_wall_s']:.1f} | {r['prepare_s']:.1f} | {r['finetune_stage_s']:.1f} | {r['evaluation_s']:.1f} | "
+              f"{r['evaluation_overlapping_finetunes_s']:.1f} | {r['evaluation_after_finetunes_s']:.1f} | {r['cooking_s']:.1f} |")
+    bound = barrier["flow_wall_s"] - 0.8 * barrier["evaluation_s"]
+    identical = barrier["soups"] == pipelined["soups"]
+    print(f"\npipelined wall {pipelined['flow_wall_s']:.1f} s vs barrier wall {barrier['flow_wall_s']:.1f} s - 0.8 x its "
+          f"evaluation stage {barrier['evaluation_s']:.1f} s = {bound:.1f} s: {'met' if pipelined['flow_wall_s'] <= bound else 'NOT met'}")
+    print(f"saved {barrier['flow_wall_s'] - pipelined['flow_wall_s']:.1f} s; "
+          f"soups byte-identical (sha256 of every method's stored soup): {identical}")
+    return {"barrier": barrier, "pipelined": pipelined, "bound_s": bound, "met": pipelined["flow_wall_s"] <= bound,
+            "soups_identical": identical}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--text-train", help="SST-2 style TSV (sentence, label) for the text step timing")
     parser.add_argument("--text-rounds", type=int, default=30)
     parser.add_argument("--no-flow", action="store_true", help="only the text step timing")
+    parser.add_argument("--overlap", action="store_true", help="only barrier vs pipelined evaluation (2 device slots)")
+    parser.add_argument("--repeats", type=int, default=3, help="--overlap: interleaved (barrier, pipelined) pairs")
     args = parser.parse_args()
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     if args.text_train:
@@ -138,6 +195,17 @@ def main() -> None:
         print_text_steps(text)
         Path("bench/results/pipeline_text.json").write_text(json.dumps(text, indent=2))
     if args.no_flow:
+        return
+    if args.overlap:
+        pairs = [print_overlap(barrier, pipelined) for barrier, pipelined in overlap_runs(args.n, args.repeats)]
+        saved = [p["barrier"]["flow_wall_s"] - p["pipelined"]["flow_wall_s"] for p in pairs]
+        stage = [p["barrier"]["evaluation_s"] for p in pairs]
+        print(f"\nover {len(pairs)} interleaved pairs: saved {statistics.median(saved):.1f} s (median; each "
+              f"{', '.join(f'{x:.1f}' for x in saved)}), barrier evaluation stage {statistics.median(stage):.1f} s "
+              f"(median); criterion met in {sum(p['met'] for p in pairs)} of {len(pairs)}; soups byte-identical in "
+              f"{sum(p['soups_identical'] for p in pairs)} of {len(pairs)}")
+        Path("bench/results/pipeline_overlap.json").write_text(json.dumps(
+            {"pairs": pairs, "saved_s": saved, "command": " ".join(sys.argv)}, indent=2, default=str))
         return
     one, two = run(1, args.n), run(2, args.n)
     speedup = one["finetune_stage_s"] / two["finetune_stage_s"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
-from prefect import flow, get_client, get_run_logger, runtime, unmapped
+from prefect import flow, get_client, get_run_logger, runtime
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id
+from model_soups.records import IngredientRecord
 from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
 from tasks.evaluation import evaluate
@@ -17,7 +19,8 @@ from tasks.ingredients import fan_out, prepare
 from tasks.publishing import publish
 
 # Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
-THREADS = 16
+THREADS = 32
+RESERVED = 8  # threads a work-pool fan-out leaves free, so that evaluations and soups never queue behind waiting fine-tunes
 
 
 class TooFewIngredients(RuntimeError):
@@ -50,15 +53,24 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     run_id = this_run(config)
     pretrained, specs, splits = prepare(config)
 
-    metas, failed = fan_out(config, pretrained, specs)
+    evaluating: dict[str, list[PrefectFuture]] = {}
+
+    def start_evaluations(meta: IngredientRecord) -> None:
+        evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
+
+    # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
+    metas, failed = fan_out(config, pretrained, specs, in_flight=THREADS - RESERVED,
+                            ready=start_evaluations if config.execution.pipeline else lambda meta: None)
     reused = sum(1 for m in metas if m.reused)
     logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
     if len(metas) < config.execution.min_ingredients:
         raise TooFewIngredients(f"only {len(metas)} ingredients survived, execution.min_ingredients is "
                                 f"{config.execution.min_ingredients}; failures: {[f.model_dump() for f in failed]}")
 
-    pairs = [(meta, split) for meta in metas for split in splits]
-    evaluations = evaluate.map(unmapped(config), [m for m, _ in pairs], [s for _, s in pairs]).result()
+    for meta in metas:
+        if meta.id not in evaluating:
+            start_evaluations(meta)
+    evaluations = [future.result() for meta in metas for future in evaluating[meta.id]]  # sweep order, split order
     logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
     val_accuracy = val_accuracies(evaluations)
 

@@ -174,6 +174,9 @@ class ExecutionConfig(Strict):
     )
     finetune_deployment: str = Field("finetune/gpu", description="the deployment that fine-tunes in work-pool mode")
     poll_s: float = Field(2, gt=0, le=60, description="how often work-pool mode checks its fine-tune runs")
+    pipeline: bool = Field(
+        True, description="evaluate each ingredient as soon as its checkpoint is verified, while other fine-tunes still "
+        "run; false waits for the last fine-tune first (the result is the same)")
     evaluate_on: Literal["orchestrator", "finetune-worker"] = Field(
         "orchestrator",
         description="where ingredients are evaluated in work-pool mode: by the orchestrating flow run, or by each "

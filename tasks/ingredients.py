@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -89,37 +90,41 @@ def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
     return meta.model_copy(update={"reused": False})
 
 
-def fan_out(config: RunConfig, pretrained: PretrainedRecord,
-            specs: list[IngredientSpec]) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
+def fan_out(config: RunConfig, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
+            ready: Callable[[IngredientRecord], None] = lambda meta: None) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
     """Fine-tune every ingredient: on this machine's device slots, one fine-tune each, or as runs on the GPU
-    work pool. Returns the completed ones in sweep order, and those left out with why."""
+    work pool, at most `in_flight` at once there (each waits in a thread of the flow's task runner). `ready` is
+    called with each completed ingredient as soon as it is verified. Returns the completed ones in sweep order,
+    and those left out with why."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
                                         description=f"{len(specs)} fine-tunes")
     completed, failed = [], []
     running: dict = {}
+    pending = list(specs)
     if config.execution.fanout == "work-pool":
-        on_pool = finetune_on_pool.with_options(retries=config.execution.retries)
         logger.info(f"fine-tuning {len(specs)} ingredients as runs of {config.execution.finetune_deployment}")
-        running = {on_pool.submit(config, pretrained, spec): (spec, None) for spec in specs}
-        free, pending = [], []
+        free = [None] * min(in_flight, len(specs))  # no device slots here: the pool's workers have them
     else:
-        free, pending = device_slots(config.execution.device_slots), list(specs)
+        free = device_slots(config.execution.device_slots)
         logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
     local = finetune.with_options(retries=config.execution.retries)
+    on_pool = finetune_on_pool.with_options(retries=config.execution.retries)
     while pending or running:
         while free and pending:  # keep every device slot busy with one fine-tune
             spec, slot = pending.pop(0), free.pop(0)
-            running[local.submit(config, pretrained, spec, slot)] = (spec, slot)
+            future = (on_pool.submit(config, pretrained, spec) if config.execution.fanout == "work-pool"
+                      else local.submit(config, pretrained, spec, slot))
+            running[future] = (spec, slot)
         future = next(as_completed(list(running)))
         spec, slot = running.pop(future)
-        if slot is not None:
-            free.append(slot)
+        free.append(slot)
         outcome = future.result(raise_on_failure=False)
         if isinstance(outcome, StorageUnavailable):
             raise outcome  # not the ingredient's fault: stop, and let a re-run resume from what is stored
         if isinstance(outcome, IngredientRecord) and outcome.status == "completed":
             completed.append(outcome)
+            ready(outcome)
         else:
             if isinstance(outcome, IngredientRecord):  # diverged: a stored result
                 status, reason = outcome.status, outcome.reason

@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+
 from flows.model_soup import TooFewIngredients, model_soup
 from model_soups.config import StorageConfig, parse_config
+from model_soups.soups import SOUP_METHODS
 from model_soups.storage import Store
 from tests.conftest import small_digits
 
@@ -77,8 +81,23 @@ def test_every_method_is_reported_on_test_and_every_ood_split(first_run):
     report = (local(paths["run"]) / "report.md").read_text()
     assert "| test_nll | test_ece |" in report and "| lr |" in report
     expected_splits = {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
-    for kind in ["ingredient", "best_individual", "uniform_soup", "greedy_soup", "learned_soup", "ensemble", "greedy_ensemble"]:
+    kinds = ["ingredient", "best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble", "greedy_ensemble"]
+    for kind in kinds:
         assert set(results[results.kind == kind].split) == expected_splits, kind
+    assert "| chosen on val |" in report and "| λ " in report and "![Task-vector soups" in report
+
+
+def test_every_task_vector_soup_publishes_the_candidate_it_chose_as_scored(first_run):
+    _, paths = first_run
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    tasks = {m: s for m, s in manifest["soups"].items() if s["task"]}
+    assert set(tasks) == {"wiseft", "wiseft_best", "task_arithmetic", "ties", "dare", "dare_ties"}
+    assert manifest["soups"]["wiseft"]["ingredients"] == manifest["soups"]["greedy"]["ingredients"]
+    for method, soup in tasks.items():
+        record = json.loads(local(soup["record"]).read_text())
+        (chosen,) = [t for t in record["trajectory"] if t["chosen"]]
+        assert record["metrics"]["val"]["accuracy"] == chosen["soup_val"] == max(t["soup_val"] for t in record["trajectory"])
+        assert {k: chosen[k] for k in record["task"]} == record["task"], method
 
 
 def test_greedy_soup_val_accuracy_is_at_least_the_best_individual(first_run):
@@ -110,7 +129,7 @@ def test_artifacts_are_published_with_stable_keys(first_run):
     assert {"flow-results", "flow-report", "flow-soup", "flow-report-html", "flow-finetune-progress"} <= set(artifacts)
     # the report shows whole in the UI: every figure inside it, no relative link left to break
     report = artifacts["flow-report"].data
-    assert report.count("](data:image/png;base64,") == 4 and "](figures/" not in report
+    assert report.count("](data:image/png;base64,") == 5 and "](figures/" not in report
     for key in ("flow-soup", "flow-report-html"):
         assert "a browser does not open file:// links" in artifacts[key].description
 
@@ -125,6 +144,33 @@ def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root)
     # the same stored soup, published again (each run's copy names its own run id in its metadata)
     assert first["soups"]["greedy"] == second["soups"]["greedy"]
     assert first["files"]["soup.safetensors"] != second["files"]["soup.safetensors"]
+
+
+def test_pipelined_evaluation_starts_before_the_last_fine_tune_ends_and_cooks_byte_identical_soups(first_run, tmp_path):
+    config, paths = first_run  # pipelined, the default
+    barrier = parse_config({**small_digits(f"file://{tmp_path}", experiment="flow", n=4),
+                            "execution": {"device_slots": 2, "retries": 1, "pipeline": False}})
+    state = model_soup(config=barrier, return_state=True)
+    again = state.result()
+    first, second = (json.loads((local(p["run"]) / "manifest.json").read_text()) for p in (paths, again))
+    assert set(first["soups"]) == set(barrier.soup.methods)
+    for method in first["soups"]:  # the same bytes, cooked from the same ingredients in the same order
+        assert first["soups"][method]["sha256"] == second["soups"][method]["sha256"], method
+    assert (local(paths["run"]) / "results.csv").read_bytes() == (local(again["run"]) / "results.csv").read_bytes()
+
+    def task_runs(flow_run_id):
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
+
+    def order(runs):
+        last_finetune = max(t.end_time for t in runs if t.name.startswith("finetune-"))
+        return min(t.start_time for t in runs if t.name.startswith("evaluate-")) < last_finetune
+
+    assert not order(task_runs(state.state_details.flow_run_id))  # the barrier: every evaluation after the last fine-tune
+    with get_client(sync_client=True) as client:
+        pipelined = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[
+            f"flow-{local(paths['run']).name}"])))[0]
+    assert order(task_runs(pipelined.id))
 
 
 def truncate_checkpoint(folder: Path) -> None:
