@@ -17,6 +17,7 @@ from tasks.cooking import cook_soup
 from tasks.evaluation import evaluate
 from tasks.ingredients import fan_out, prepare
 from tasks.publishing import publish
+from tasks.sweep import soup_aware
 
 # Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
 THREADS = 32
@@ -59,8 +60,17 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
         evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
 
     # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
-    metas, failed = fan_out(config, pretrained, specs, in_flight=THREADS - RESERVED,
-                            ready=start_evaluations if config.execution.pipeline else lambda meta: None)
+    ready = start_evaluations if config.execution.pipeline else lambda meta: None
+    metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
+    if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
+
+        def val_of(meta: IngredientRecord) -> float:
+            if meta.id not in evaluating:
+                start_evaluations(meta)
+            return evaluating[meta.id][splits.index("val")].result().accuracy
+
+        more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
+        metas, failed = metas + more, failed + left_out
     reused = sum(1 for m in metas if m.reused)
     logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
     if len(metas) < config.execution.min_ingredients:

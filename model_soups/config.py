@@ -111,8 +111,12 @@ class Range(Strict):
 
 
 class SearchSpace(Strict):
-    strategy: Literal["grid", "random"] = Field("random", description="grid: every combination; random: n samples")
-    n: int = Field(10, ge=1, le=10_000, description="ingredients drawn by random search")
+    strategy: Literal["grid", "random", "soup-aware"] = Field(
+        "random", description="grid: every combination; random: n samples; soup-aware: n fine-tunes in rounds, each "
+        "round's hyperparameters chosen (Optuna TPE) for how much they raise the greedy soup's val accuracy")
+    n: int = Field(10, ge=1, le=10_000, description="ingredients drawn by random search, or fine-tuned by a soup-aware one")
+    initial: int = Field(4, ge=1, description="soup-aware: fine-tunes of the first round, drawn at random")
+    batch: int = Field(4, ge=1, description="soup-aware: fine-tunes proposed per later round")
     seed: int = Field(0, description="seed of the random search")
     params: dict[str, list[Any] | Range] = Field(
         default_factory=dict,

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from model_soups import soups
+from model_soups import merge, soups
 from model_soups.config import RunConfig
 from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
 from model_soups.ingredients import open_storage
@@ -72,39 +72,12 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
 def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretrained: PretrainedRecord,
           metas: list[IngredientRecord], val_accuracy: dict[str, float], method: str, key: str, log: Log,
           base: SoupRecord | None) -> SoupRecord:
-    with store.open_checkpoint(pretrained.url) as reader:
-        reference = reader.info
-    val = recipe.dataset("val")
-    model = recipe.build_model()
-    batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
-    evaluations, evaluation_s = 0, 0.0
-
-    def as_published(state: dict[str, torch.Tensor], n_ingredients: int) -> str:
-        """Load `state` into `model` exactly as it is published; returns what happened to BatchNorm statistics.
-        One ingredient keeps its own statistics, which are exact for its weights."""
-        model.load_state_dict(state)
-        if batchnorm_data is not None and n_ingredients > 1 and soups.recompute_batchnorm(model, batchnorm_data, recipe.eval_batch_size):
-            return f"recomputed on {len(batchnorm_data)} train examples"
-        return "averaged" if n_ingredients > 1 else "the ingredient's own"
-
-    def score(state: dict[str, torch.Tensor], n_ingredients: int) -> float:
-        nonlocal evaluations, evaluation_s
-        evaluations += 1
-        started = time.time()
-        as_published(state, n_ingredients)
-        accuracy = float((predict(model, val, recipe.eval_batch_size, evaluation_device()).argmax(1) == val.labels.numpy()).mean())
-        evaluation_s += time.time() - started
-        log(f"{method} soup: candidate {evaluations} val accuracy {accuracy:.4f}")
-        return accuracy
-
-    ranked = soups.rank(ingredients_of(metas), val_accuracy)
-    start = Ingredient("pretrained", pretrained.url, pretrained.sha256)
-    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, config.soup, score, model, val, recipe.eval_batch_size,
-                            pretrained=start, base=[next(i for i in ranked if i.id == b) for b in base.ingredients] if base else None)
+    ctx, scorer = context(config, store, recipe, pretrained, metas, val_accuracy, f"{method} soup", log, base)
     started = time.time()
     soup = soups.SOUP_METHODS[method].cook(ctx)
-    state = soups.soup_state(store, soup, start, reference, soups.ACCUMULATE[config.soup.accumulate])
-    batchnorm = as_published(state, soup.members)
+    state = soups.soup_state(store, soup, ctx.pretrained, ctx.reference, soups.ACCUMULATE[config.soup.accumulate])
+    batchnorm = scorer.as_published(state, soup.members)
+    model = scorer.model
     model.eval()
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # the model may sit on a GPU
     url = layout.soup(key)
@@ -115,12 +88,72 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
     record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
                         task=soup.task.describe() if soup.task else None,
-                        candidate_evaluations=evaluations, candidate_seconds=round(evaluation_s, 4),
+                        candidate_evaluations=scorer.evaluations, candidate_seconds=round(scorer.seconds, 4),
                         seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics)
     record.write(store, layout.soup_record(key))
     log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val'].accuracy:.4f}, "
-        f"{evaluations} candidate evaluations")
+        f"{scorer.evaluations} candidate evaluations")
     return record
+
+
+class Scorer:
+    """Val accuracy of a soup's weights, loaded exactly as they are published (`SoupContext.score`)."""
+
+    def __init__(self, config: RunConfig, recipe: Recipe, what: str, log: Log):
+        self.recipe, self.what, self.log = recipe, what, log
+        self.val, self.model = recipe.dataset("val"), recipe.build_model()
+        self.batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
+        self.evaluations, self.seconds = 0, 0.0
+
+    def as_published(self, state: dict[str, torch.Tensor], n_ingredients: int) -> str:
+        """Load `state` into the model exactly as it is published; returns what happened to BatchNorm statistics.
+        One ingredient keeps its own statistics, which are exact for its weights."""
+        self.model.load_state_dict(state)
+        if (self.batchnorm_data is not None and n_ingredients > 1
+                and soups.recompute_batchnorm(self.model, self.batchnorm_data, self.recipe.eval_batch_size)):
+            return f"recomputed on {len(self.batchnorm_data)} train examples"
+        return "averaged" if n_ingredients > 1 else "the ingredient's own"
+
+    def __call__(self, state: dict[str, torch.Tensor], n_ingredients: int) -> float:
+        self.evaluations += 1
+        started = time.time()
+        self.as_published(state, n_ingredients)
+        predicted = predict(self.model, self.val, self.recipe.eval_batch_size, evaluation_device()).argmax(1)
+        accuracy = float((predicted == self.val.labels.numpy()).mean())
+        self.seconds += time.time() - started
+        self.log(f"{self.what}: candidate {self.evaluations} val accuracy {accuracy:.4f}")
+        return accuracy
+
+
+def context(config: RunConfig, store: Store, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+            val_accuracy: dict[str, float], what: str, log: Log, base: SoupRecord | None = None) -> tuple[soups.SoupContext, Scorer]:
+    """What a soup method is given, ingredients ranked by val accuracy, and the scorer behind its `score`."""
+    with store.open_checkpoint(pretrained.url) as reader:
+        reference = reader.info
+    scorer = Scorer(config, recipe, what, log)
+    ranked = soups.rank(ingredients_of(metas), val_accuracy)
+    by_id = {i.id: i for i in ranked}
+    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, config.soup, scorer, scorer.model, scorer.val,
+                            recipe.eval_batch_size, pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
+                            base=[by_id[i] for i in base.ingredients] if base else None)
+    return ctx, scorer
+
+
+def greedy_gains(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, members: list[IngredientRecord],
+                 candidates: list[IngredientRecord], val_accuracy: dict[str, float],
+                 log: Log) -> tuple[list[str], float, dict[str, float]]:
+    """The greedy soup of `members`, its val accuracy, and for each candidate the val accuracy gained when it joins
+    that soup (a soup-aware sweep's objective)."""
+    store, _ = open_storage(config)
+    ctx, _ = context(config, store, recipe, pretrained, members, val_accuracy, "sweep", log)
+    soup = soups.greedy_soup(ctx)
+    soup_val = max(step["soup_val"] for step in soup.trajectory if step["accepted"])
+    total = merge.weighted_sum(store, soup.ingredients, None, soups.ACCUMULATE[config.soup.accumulate], ctx.reference)
+    gains = {}
+    for candidate in ingredients_of(candidates):
+        _, score = soups.with_one_more(ctx, total, len(soup.ingredients), candidate)
+        gains[candidate.id] = score - soup_val
+    return [i.id for i in soup.ingredients], soup_val, gains
 
 
 def ensemble_rows(store: Store, layout: Layout, metas: list[IngredientRecord], splits: list[str],

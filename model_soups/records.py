@@ -147,6 +147,30 @@ class SoupRecord(Record):
     metrics: dict[str, Metrics]
 
 
+class SweepTrial(BaseModel):
+    """One proposal of a soup-aware sweep: the ingredient, Optuna's raw parameters (replayed into the study on
+    every round, so a re-run asks exactly what the first run asked) and, once scored, its value."""
+
+    id: str
+    hparams: dict[str, Any]
+    params: dict[str, Any]
+    value: float | None = None
+
+
+class SweepRound(Record):
+    """sweeps/<key>/round-NNN.json: written with the proposals before any fine-tune starts, and again with each
+    proposal's gain to the greedy soup of the rounds before (`soup`, `soup_val`)."""
+
+    index: int
+    trials: list[SweepTrial]
+    soup: list[str] = Field(default_factory=list)
+    soup_val: float | None = None
+
+    @property
+    def scored(self) -> bool:
+        return all(t.value is not None for t in self.trials)
+
+
 class FailedIngredient(BaseModel):
     id: str
     status: str

@@ -168,15 +168,21 @@ def greedy_soup(ctx: SoupContext) -> Soup:
     chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, accumulate, ctx.reference), ctx.val_accuracy[best.id]
     trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
     for ingredient in rest:
-        candidate = weighted_sum(ctx.store, [ingredient], None, accumulate, ctx.reference, onto=total)
-        average = {name: mean_of(value, float(len(chosen) + 1), ctx.reference[name].dtype) for name, value in candidate.items()}
-        score = ctx.score(average, len(chosen) + 1)
+        candidate, score = with_one_more(ctx, total, len(chosen), ingredient)
         accepted = accepts(score, best_score, ctx.options.rule)
         if accepted:
             chosen, total, best_score = chosen + [ingredient], candidate, score
         trajectory.append({"ingredient": ingredient.id, "individual_val": ctx.val_accuracy[ingredient.id],
                            "soup_val": score, "accepted": accepted, "size": len(chosen)})
     return Soup("greedy", chosen, [1.0] * len(chosen), trajectory)
+
+
+def with_one_more(ctx: SoupContext, total: Mapping[str, torch.Tensor], size: int,
+                  ingredient: Ingredient) -> tuple[dict[str, torch.Tensor], float]:
+    """A running sum of `size` ingredients with one more added, and the val score of that average."""
+    candidate = weighted_sum(ctx.store, [ingredient], None, ACCUMULATE[ctx.options.accumulate], ctx.reference, onto=total)
+    average = {name: mean_of(value, float(size + 1), ctx.reference[name].dtype) for name, value in candidate.items()}
+    return candidate, ctx.score(average, size + 1)
 
 
 @soup_method("learned", color="#9467bd")

@@ -28,9 +28,10 @@ def ingredient_id(recipe: Recipe, fingerprint: str, hparams: dict[str, Any]) -> 
     return stable_hash({"recipe": recipe.describe(), "fingerprint": fingerprint, "hparams": hparams})
 
 
-def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[IngredientSpec]:
-    # A random search varies the recipe's defaults too, unless overridden; a grid spans only what is given.
-    defaults = SearchSpace(params=recipe.default_search).params if space.strategy == "random" else {}
+def search_space(space: SearchSpace, recipe: Recipe) -> dict[str, list[Any] | Range]:
+    """The hyperparameters searched, checked. A random or soup-aware search varies the recipe's defaults too,
+    unless overridden; a grid spans only what is given."""
+    defaults = SearchSpace(params=recipe.default_search).params if space.strategy != "grid" else {}
     params = {**defaults, **space.params}
     allowed = recipe.Hyperparameters.model_fields
     for name, values in params.items():
@@ -38,7 +39,16 @@ def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[Ingredi
             raise ConfigError(f"sweep.params.{name}: not a hyperparameter of recipe {recipe.name!r}; allowed: {', '.join(allowed)}")
         if isinstance(values, list) and not values:
             raise ConfigError(f"empty sweep: sweep.params.{name} has no values; give at least one")
-    if space.strategy == "grid":
+    return params
+
+
+def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[IngredientSpec]:
+    """The ingredients known before any training: a grid's or a random search's, and existing checkpoints. A
+    soup-aware search proposes its fine-tunes round by round (`soup_sweep`): only its checkpoints are here."""
+    params = search_space(space, recipe)
+    if space.strategy == "soup-aware":
+        samples = []
+    elif space.strategy == "grid":
         ranges = [name for name, values in params.items() if not isinstance(values, list)]
         if ranges:
             raise ConfigError(f"sweep.params.{ranges[0]}: a range needs strategy 'random'; a grid takes a list of values")
@@ -56,7 +66,7 @@ def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[Ingredi
     for url in map(as_url, space.checkpoints):  # a plain or relative path is a file:// URL
         spec_id = "ckpt-" + hashlib.sha256(url.encode()).hexdigest()[:12]
         specs.setdefault(spec_id, IngredientSpec(id=spec_id, checkpoint=url))
-    if not specs:
+    if not specs and space.strategy != "soup-aware":
         raise ConfigError("empty sweep: no ingredients. Give sweep.n >= 1, sweep.params with values, or sweep.checkpoints")
     return list(specs.values())
 
@@ -77,7 +87,9 @@ def _draw(values: list[Any] | Range, rng: random.Random) -> Any:
     if isinstance(values, list):
         return rng.choice(values)
     if values.log:
-        value = math.exp(rng.uniform(math.log(values.low), math.log(values.high)))
-    else:
-        value = rng.uniform(values.low, values.high)
+        return short(math.exp(rng.uniform(math.log(values.low), math.log(values.high))))
+    return short(rng.uniform(values.low, values.high))
+
+
+def short(value: float) -> float:
     return float(f"{value:.3g}")  # short, stable values make readable ids and reports

@@ -35,7 +35,8 @@ def prepare(config: RunConfig) -> tuple[PretrainedRecord, list[IngredientSpec], 
     store, layout = ingredients.open_storage(config)
     store.check_writable(config.experiment)
     pretrained = ingredients.ensure_pretrained(store, layout, plan, log)
-    log(f"{len(plan.specs)} ingredients, splits {plan.splits}")
+    rounds = f" and {config.sweep.n} fine-tunes in soup-aware rounds" if config.sweep.strategy == "soup-aware" else ""
+    log(f"{len(plan.specs)} ingredients{rounds}, splits {plan.splits}")
     return pretrained, plan.specs, plan.splits
 
 

@@ -1,0 +1,89 @@
+"""A soup-aware sweep: fine-tunes chosen round by round for what they add to the greedy soup.
+
+The first round draws `sweep.initial` hyperparameter sets at random. Every later round asks Optuna's TPE
+sampler (ask-and-tell) for `sweep.batch` more, and the value told for each is its gain: the val accuracy of
+the greedy soup of the rounds before with the candidate added, minus that soup's own (a fine-tune that fails
+or diverges counts -1). In the first round, the soup is its best fine-tune alone. So the sampler learns
+which hyperparameters make good *ingredients*, which is not the same as good models: a fine-tune that
+lands far from the others scores well alone and averages badly.
+
+Each round is stored (sweeps/<key>/round-NNN.json) with its proposals before they are fine-tuned, and with
+their values once scored. Every round rebuilds the study from the stored rounds and asks with a sampler
+seeded by (sweep seed, round), so a re-run asks exactly what the first run asked and resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+from model_soups.config import Range, RunConfig
+from model_soups.recipes import Recipe, stable_hash
+from model_soups.records import SweepRound, SweepTrial
+from model_soups.sweep import IngredientSpec, ingredient_id, search_space, short, validate_hparams
+
+FAILED = -1.0  # the value told for a fine-tune that failed or diverged: worse than any gain
+
+optuna.logging.set_verbosity(logging.WARNING)
+
+
+def sweep_key(config: RunConfig, recipe: Recipe, fingerprint: str) -> str:
+    """A sweep is its search space, sizes and seed, over one recipe and pretrained start."""
+    return stable_hash({"sweep": config.sweep.model_dump(exclude={"checkpoints"}), "recipe": recipe.describe(),
+                        "fingerprint": fingerprint})
+
+
+def distributions(config: RunConfig, recipe: Recipe) -> dict[str, BaseDistribution]:
+    def one(values: list[Any] | Range) -> BaseDistribution:
+        if isinstance(values, Range):
+            return FloatDistribution(values.low, values.high, log=values.log)
+        return CategoricalDistribution(values)
+    return {name: one(values) for name, values in search_space(config.sweep, recipe).items()}
+
+
+def round_size(config: RunConfig, index: int, asked: int) -> int:
+    """How many fine-tunes round `index` proposes, `asked` having been proposed before it."""
+    return min(config.sweep.initial if index == 0 else config.sweep.batch, config.sweep.n - asked)
+
+
+def propose(config: RunConfig, recipe: Recipe, fingerprint: str, history: list[SweepRound]) -> SweepRound:
+    """The next round's proposals, from the scored rounds before it (see the module's docstring)."""
+    if history and not history[-1].scored:
+        raise ValueError(f"round {history[-1].index} is not scored yet; score it before proposing the next")
+    index, space = len(history), distributions(config, recipe)
+    size = round_size(config, index, sum(len(r.trials) for r in history))
+    seed = config.sweep.seed * 10_000 + index
+    sampler = (optuna.samplers.RandomSampler(seed=seed) if index == 0 else
+               optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, constant_liar=True, multivariate=True))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for past in (trial for r in history for trial in r.trials):
+        study.add_trial(optuna.trial.create_trial(params=past.params, distributions=space, value=past.value))
+    known = {t.id for r in history for t in r.trials}
+    trials: list[SweepTrial] = []
+    for attempt in range(size * 20):  # a proposal already fine-tuned is skipped (told as a failure) and asked again
+        if len(trials) == size:
+            break
+        if attempt == size * 5:  # TPE keeps to what it knows: explore the rest of a small space at random
+            study.sampler = optuna.samplers.RandomSampler(seed=seed)
+        trial = study.ask(space)
+        hparams = validate_hparams(recipe, {k: short(v) if isinstance(space[k], FloatDistribution) else v
+                                            for k, v in trial.params.items()})
+        spec_id = ingredient_id(recipe, fingerprint, hparams)
+        if spec_id in known:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        known.add(spec_id)
+        trials.append(SweepTrial(id=spec_id, hparams=hparams, params=trial.params))
+    return SweepRound(index=index, trials=trials)
+
+
+def specs(round_: SweepRound) -> list[IngredientSpec]:
+    return [IngredientSpec(id=t.id, hparams=t.hparams) for t in round_.trials]
+
+
+def done(config: RunConfig, history: list[SweepRound]) -> bool:
+    return sum(len(r.trials) for r in history) >= config.sweep.n or bool(history and not history[-1].trials)
