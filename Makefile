@@ -64,7 +64,10 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BPY) bench/merge.py --growth
 	$(BPY) bench/merge.py
 	$(BPY) bench/pipeline.py $(if $(wildcard ../shared/data/sst2/train.tsv),--text-train ../shared/data/sst2/train.tsv)
-	$(BPY) bench/quality.py digits
+	$(BPY) bench/pipeline.py --overlap
+	$(BPY) bench/quality.py digits --root file://$(CURDIR)/.bench-quality-digits
+	$(BPY) bench/wiseft.py --root file://$(CURDIR)/.bench-quality-digits
+	$(BPY) bench/sweep.py --root file://$(CURDIR)/.bench-quality-digits
 	$(BPY) bench/load.py
 
 # A Prefect server, an S3 endpoint and workers on 127.0.0.1; then: source .stack/env && prefect deploy --all
@@ -82,4 +85,4 @@ ui: $(STAMP)
 	$(VENV)/bin/prefect server start --host 127.0.0.1
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) $(BENCH_VENV) .prefect soup-runs
+	rm -rf $(VENV) $(LOCK_VENV) $(BENCH_VENV) .prefect soup-runs .bench-quality-digits

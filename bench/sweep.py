@@ -6,7 +6,7 @@ the recipe's default search space. A fine-tune both strategies propose is traine
 is the greedy soup's test and mean OOD accuracy; each difference (soup-aware - random) comes with its
 paired standard error over the test examples.
 
-    python bench/sweep.py [--seeds 0 1 2] [--n 16] [--initial 4] [--batch 4] [--root file:///tmp/q-digits]
+    python bench/sweep.py [--seeds 0 1 2] [--n 16] [--initial 4] [--batch 4] [--objective nll|accuracy] [--root R]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--initial", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--objective", choices=["nll", "accuracy"], default="nll", help="sweep.objective of the soup-aware runs")
     parser.add_argument("--root", default=None, help="storage root; bench/quality.py's digits root reuses its random runs")
     args = parser.parse_args()
     root = args.root or "file://" + tempfile.mkdtemp(prefix="soup-sweep-")
@@ -54,7 +55,7 @@ def main() -> None:
         for strategy in ("random", "soup-aware"):
             sweep = {"n": args.n, "seed": seed, "strategy": strategy}
             if strategy == "soup-aware":
-                sweep |= {"initial": args.initial, "batch": args.batch}
+                sweep |= {"initial": args.initial, "batch": args.batch, "objective": args.objective}
             runs[strategy] = greedy(run_flow({"experiment": "quality-digits", "storage": {"root": root}, "sweep": sweep}))
         for strategy, r in runs.items():
             rows.append({"seed": seed, "strategy": strategy, "size": r["size"], "run": r["run"],
@@ -64,13 +65,14 @@ def main() -> None:
             diffs[split].append(paired(runs["soup-aware"]["greedy_soup"][split], runs["random"]["greedy_soup"][split]))
 
     print(f"\nSoup-aware sweep vs random search, digits, {args.n} fine-tunes each (soup-aware: {args.initial} at random, "
-          f"then rounds of {args.batch}), sweep seeds {args.seeds}; the greedy soup's accuracy (%)\n")
+          f"then rounds of {args.batch}, objective: val {args.objective} gain), sweep seeds {args.seeds}; the greedy soup's "
+          "accuracy (%)\n")
     print("| seed | strategy | greedy val | greedy test | greedy mean OOD | greedy size | best individual val | best test | best mean OOD |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['strategy']} | {r['val']:.2f} | {r['test']:.2f} | {r['ood']:.2f} | {r['size']} | "
               f"{r['best_val']:.2f} | {r['best_test']:.2f} | {r['best_ood']:.2f} |")
-    result = {"rows": rows, "seeds": args.seeds, "n": args.n, "command": " ".join(sys.argv)}
+    result = {"rows": rows, "seeds": args.seeds, "n": args.n, "objective": args.objective, "command": " ".join(sys.argv)}
     for split in ("test", "ood"):
         d = diffs[split]
         result[f"soup_aware_minus_random_{split}"] = statistics.mean(x["diff_pp"] for x in d)
@@ -80,7 +82,7 @@ def main() -> None:
               f"{result[f'soup_aware_minus_random_{split}_paired_se']:.2f}, per run, averaged); per seed: "
               + ", ".join(f"{x['diff_pp']:+.2f} (SE {x['se_pp']:.2f})" for x in d))
     Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/sweep_digits.json").write_text(json.dumps(result, indent=2))
+    Path(f"bench/results/sweep_digits_{args.objective}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

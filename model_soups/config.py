@@ -117,6 +117,9 @@ class SearchSpace(Strict):
     n: int = Field(10, ge=1, le=10_000, description="ingredients drawn by random search, or fine-tuned by a soup-aware one")
     initial: int = Field(4, ge=1, description="soup-aware: fine-tunes of the first round, drawn at random")
     batch: int = Field(4, ge=1, description="soup-aware: fine-tunes proposed per later round")
+    objective: Literal["nll", "accuracy"] = Field(
+        "nll", description="soup-aware: what a fine-tune is worth to the sampler, the fall in the greedy soup's val NLL "
+        "when it joins (smooth) or the rise in its val accuracy (a few examples' worth)")
     seed: int = Field(0, description="seed of the random search")
     params: dict[str, list[Any] | Range] = Field(
         default_factory=dict,

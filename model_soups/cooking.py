@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import numpy as np
 import torch
+from scipy.special import log_softmax
 
 from model_soups import merge, soups
 from model_soups.config import RunConfig
@@ -104,6 +106,7 @@ class Scorer:
         self.val, self.model = recipe.dataset("val"), recipe.build_model()
         self.batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
         self.evaluations, self.seconds = 0, 0.0
+        self.nll = float("nan")  # of the last soup scored
 
     def as_published(self, state: dict[str, torch.Tensor], n_ingredients: int) -> str:
         """Load `state` into the model exactly as it is published; returns what happened to BatchNorm statistics.
@@ -118,8 +121,10 @@ class Scorer:
         self.evaluations += 1
         started = time.time()
         self.as_published(state, n_ingredients)
-        predicted = predict(self.model, self.val, self.recipe.eval_batch_size, evaluation_device()).argmax(1)
-        accuracy = float((predicted == self.val.labels.numpy()).mean())
+        logits = predict(self.model, self.val, self.recipe.eval_batch_size, evaluation_device())
+        labels = self.val.labels.numpy()
+        accuracy = float((logits.argmax(1) == labels).mean())
+        self.nll = float(-log_softmax(logits.astype(np.float64), axis=1)[np.arange(len(labels)), labels].mean())
         self.seconds += time.time() - started
         self.log(f"{self.what}: candidate {self.evaluations} val accuracy {accuracy:.4f}")
         return accuracy
@@ -142,17 +147,19 @@ def context(config: RunConfig, store: Store, recipe: Recipe, pretrained: Pretrai
 def greedy_gains(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, members: list[IngredientRecord],
                  candidates: list[IngredientRecord], val_accuracy: dict[str, float],
                  log: Log) -> tuple[list[str], float, dict[str, float]]:
-    """The greedy soup of `members`, its val accuracy, and for each candidate the val accuracy gained when it joins
-    that soup (a soup-aware sweep's objective)."""
+    """The greedy soup of `members`, its val accuracy, and for each candidate what it gains when it joins that soup
+    (a soup-aware sweep's objective, `sweep.objective`): val accuracy, or the fall in val NLL."""
     store, _ = open_storage(config)
-    ctx, _ = context(config, store, recipe, pretrained, members, val_accuracy, "sweep", log)
+    ctx, scorer = context(config, store, recipe, pretrained, members, val_accuracy, "sweep", log)
     soup = soups.greedy_soup(ctx)
-    soup_val = max(step["soup_val"] for step in soup.trajectory if step["accepted"])
-    total = merge.weighted_sum(store, soup.ingredients, None, soups.ACCUMULATE[config.soup.accumulate], ctx.reference)
-    gains = {}
+    accumulate = soups.ACCUMULATE[config.soup.accumulate]
+    total = merge.weighted_sum(store, soup.ingredients, None, accumulate, ctx.reference)
+    size = len(soup.ingredients)
+    soup_val = scorer({name: merge.mean_of(value, float(size), ctx.reference[name].dtype) for name, value in total.items()}, size)
+    soup_nll, gains = scorer.nll, {}
     for candidate in ingredients_of(candidates):
-        _, score = soups.with_one_more(ctx, total, len(soup.ingredients), candidate)
-        gains[candidate.id] = score - soup_val
+        _, score = soups.with_one_more(ctx, total, size, candidate)
+        gains[candidate.id] = score - soup_val if config.sweep.objective == "accuracy" else soup_nll - scorer.nll
     return [i.id for i in soup.ingredients], soup_val, gains
 
 

@@ -1,11 +1,13 @@
 """A soup-aware sweep: fine-tunes chosen round by round for what they add to the greedy soup.
 
 The first round draws `sweep.initial` hyperparameter sets at random. Every later round asks Optuna's TPE
-sampler (ask-and-tell) for `sweep.batch` more, and the value told for each is its gain: the val accuracy of
-the greedy soup of the rounds before with the candidate added, minus that soup's own (a fine-tune that fails
-or diverges counts -1). In the first round, the soup is its best fine-tune alone. So the sampler learns
-which hyperparameters make good *ingredients*, which is not the same as good models: a fine-tune that
-lands far from the others scores well alone and averages badly.
+sampler (ask-and-tell) for `sweep.batch` more, and the value told for each is its gain to the greedy soup of
+the rounds before: how much that soup's val NLL falls when the candidate joins it (`sweep.objective: nll`,
+the default), or how much its val accuracy rises (`accuracy`: at 98% on 600 examples, a gain of a few
+examples or none, too coarse for the sampler to learn from). A fine-tune that fails or diverges counts -1.
+In the first round, the soup is its best fine-tune alone. So the sampler learns which hyperparameters make
+good *ingredients*, which is not the same as good models: a fine-tune that lands far from the others scores
+well alone and averages badly.
 
 Each round is stored (sweeps/<key>/round-NNN.json) with its proposals before they are fine-tuned, and with
 their values once scored. Every round rebuilds the study from the stored rounds and asks with a sampler
