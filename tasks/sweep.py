@@ -76,8 +76,11 @@ def soup_aware(config: RunConfig, pretrained: PretrainedRecord, in_flight: int,
         val_accuracy = {m.id: val_of(m) for m in metas + joined}
         history.append(score_round(config, key, pretrained, proposed, metas, joined, val_accuracy))
         metas, failed = metas + joined, failed + left_out
-        create_table_artifact(key=artifact_key(config, "sweep-rounds"), description=f"soup-aware sweep {key}", table=[
+        gain = "fall in val NLL" if config.sweep.objective == "nll" else "rise in val accuracy"
+        create_table_artifact(key=artifact_key(config, "sweep-rounds"), description=(
+            f"soup-aware sweep {key}: each round's fine-tunes, scored by their gain to the greedy soup of the rounds "
+            f"before ({gain} when one joins it; -1: failed)"), table=[
             {"round": r.index, "fine-tunes": len(r.trials), "greedy soup before": len(r.soup),
-             "its val": round(100 * r.soup_val, 2), "best gain": round(100 * max(t.value for t in r.trials), 2),
-             "proposals": "; ".join(f"{t.id[:8]} {t.value:+.4f}" for t in r.trials)} for r in history])
+             "its val accuracy %": round(100 * r.soup_val, 2), f"best gain ({gain})": round(max(t.value for t in r.trials), 4),
+             "proposals (id gain)": "; ".join(f"{t.id[:8]} {t.value:+.4f}" for t in r.trials)} for r in history])
     return metas, failed
