@@ -10,9 +10,11 @@ With `--text-train`, it also times text fine-tune steps (all-MiniLM-L6-v2, batch
 ways, interleaved step by step so that the machine's noise hits all three alike: padded to the split's
 longest sentence (what the text recipe did before), padded per batch, and with length-grouped batches.
 
-With `--overlap`, it runs the demo config twice on 2 device slots, evaluating after the last fine-tune (the
-barrier) and as each fine-tune's checkpoint is verified (pipelined), and reports both wall times, the
-evaluation stage, how much of it ran while fine-tunes did, and whether the soups are byte-identical.
+With `--overlap`, it runs the demo config on `--slots` device slots (2), evaluating after the last fine-tune
+(the barrier) and as each fine-tune's checkpoint is verified (pipelined), in interleaved pairs, and reports
+both wall times, the evaluation stage, how much of it ran while fine-tunes did, and whether the soups are
+byte-identical. With 2 slots on 2 cores, evaluation competes with fine-tuning for the same cores; with 1,
+one core is left to the orchestrator, as GPU fine-tunes leave it its CPU.
 
     python bench/pipeline.py [--n 10] [--text-train ../shared/data/sst2/train.tsv] [--no-flow] [--overlap]
 """
@@ -142,7 +144,7 @@ def print_text_steps(result: dict) -> None:
           f"length_grouped_ratio = {result['length-grouped']['ratio_to_split_wide']:.2f} (goal <= 0.35)")
 
 
-def overlap_runs(n: int, repeats: int) -> list[tuple[dict, dict]]:
+def overlap_runs(n: int, repeats: int, slots: int) -> list[tuple[dict, dict]]:
     """(barrier, pipelined) pairs, interleaved, on one root whose pretrained start is built once beforehand; before
     each run everything else is deleted, so both train and evaluate every ingredient afresh."""
     root = "file://" + tempfile.mkdtemp(prefix="soup-overlap-")
@@ -155,7 +157,7 @@ def overlap_runs(n: int, repeats: int) -> list[tuple[dict, dict]]:
         for pipeline in (False, True):
             for folder in ("ingredients", "evals", "soups", "runs"):
                 shutil.rmtree(Path(root.removeprefix("file://")) / config.experiment / folder, ignore_errors=True)
-            pair.append(run(2, n, pipeline, root))
+            pair.append(run(slots, n, pipeline, root))
         pairs.append(tuple(pair))
     return pairs
 
@@ -163,7 +165,7 @@ def overlap_runs(n: int, repeats: int) -> list[tuple[dict, dict]]:
 def print_overlap(barrier: dict, pipelined: dict) -> dict:
     """Barrier vs pipelined evaluation on the same config: wall times, the evaluation stage, the overlap."""
     print(f"\nEvaluation pipelined with fine-tuning, demo config (digits, {barrier['n']} ingredients, "
-          f"{barrier['slots']} device slots), fresh storage each\n")
+          f"{barrier['slots']} device slots, {os.cpu_count()} CPU cores), fresh storage each\n")
     print("| evaluation | flow wall s | prepare s | fine-tune stage s | evaluation stage s | of it while fine-tunes ran s "
           "| after the last fine-tune s | cooking s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -186,7 +188,8 @@ def main() -> None:
     parser.add_argument("--text-train", help="SST-2 style TSV (sentence, label) for the text step timing")
     parser.add_argument("--text-rounds", type=int, default=30)
     parser.add_argument("--no-flow", action="store_true", help="only the text step timing")
-    parser.add_argument("--overlap", action="store_true", help="only barrier vs pipelined evaluation (2 device slots)")
+    parser.add_argument("--overlap", action="store_true", help="only barrier vs pipelined evaluation")
+    parser.add_argument("--slots", type=int, default=2, help="--overlap: device slots (1 leaves a core to the orchestrator)")
     parser.add_argument("--repeats", type=int, default=3, help="--overlap: interleaved (barrier, pipelined) pairs")
     args = parser.parse_args()
     Path("bench/results").mkdir(parents=True, exist_ok=True)
@@ -197,14 +200,14 @@ def main() -> None:
     if args.no_flow:
         return
     if args.overlap:
-        pairs = [print_overlap(barrier, pipelined) for barrier, pipelined in overlap_runs(args.n, args.repeats)]
+        pairs = [print_overlap(barrier, pipelined) for barrier, pipelined in overlap_runs(args.n, args.repeats, args.slots)]
         saved = [p["barrier"]["flow_wall_s"] - p["pipelined"]["flow_wall_s"] for p in pairs]
         stage = [p["barrier"]["evaluation_s"] for p in pairs]
         print(f"\nover {len(pairs)} interleaved pairs: saved {statistics.median(saved):.1f} s (median; each "
               f"{', '.join(f'{x:.1f}' for x in saved)}), barrier evaluation stage {statistics.median(stage):.1f} s "
               f"(median); criterion met in {sum(p['met'] for p in pairs)} of {len(pairs)}; soups byte-identical in "
               f"{sum(p['soups_identical'] for p in pairs)} of {len(pairs)}")
-        Path("bench/results/pipeline_overlap.json").write_text(json.dumps(
+        Path(f"bench/results/pipeline_overlap_{args.slots}slots.json").write_text(json.dumps(
             {"pairs": pairs, "saved_s": saved, "command": " ".join(sys.argv)}, indent=2, default=str))
         return
     one, two = run(1, args.n), run(2, args.n)
