@@ -113,14 +113,14 @@ class Range(Strict):
 class SearchSpace(Strict):
     strategy: Literal["grid", "random", "soup-aware"] = Field(
         "random", description="grid: every combination; random: n samples; soup-aware: n fine-tunes in rounds, each "
-        "round's hyperparameters chosen (Optuna TPE) for how much they raise the greedy soup's val accuracy")
+        "round's hyperparameters chosen (Optuna TPE) for what they add to the greedy soup on val (sweep.objective)")
     n: int = Field(10, ge=1, le=10_000, description="ingredients drawn by random search, or fine-tuned by a soup-aware one")
     initial: int = Field(4, ge=1, description="soup-aware: fine-tunes of the first round, drawn at random")
     batch: int = Field(4, ge=1, description="soup-aware: fine-tunes proposed per later round")
     objective: Literal["nll", "accuracy"] = Field(
         "nll", description="soup-aware: what a fine-tune is worth to the sampler, the fall in the greedy soup's val NLL "
         "when it joins (smooth) or the rise in its val accuracy (a few examples' worth)")
-    seed: int = Field(0, description="seed of the random search")
+    seed: int = Field(0, description="seed of the random search, or of a soup-aware one's samplers")
     params: dict[str, list[Any] | Range] = Field(
         default_factory=dict,
         description="hyperparameter -> list of choices, or {low, high, log} for random search; a random "
