@@ -114,6 +114,15 @@ def fmt(values: list[float]) -> str:
     return f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def paired_summary(result: dict, name: str, diffs: list[dict], per_seed_se: bool = False) -> None:
+    """A difference over the runs: its mean, its paired SE (per run, averaged) and each run's, into `result`, printed."""
+    result[name] = statistics.mean(d["diff_pp"] for d in diffs)
+    result[f"{name}_paired_se"] = statistics.mean(d["se_pp"] for d in diffs)
+    result[f"{name}_per_seed"] = [d["diff_pp"] for d in diffs]
+    print(f"{name} = {result[name]:+.2f} pp (paired SE {result[f'{name}_paired_se']:.2f}, per run, averaged); per seed: "
+          + ", ".join(f"{d['diff_pp']:+.2f}" + (f" (SE {d['se_pp']:.2f})" if per_seed_se else "") for d in diffs))
+
+
 def chosen(tasks: list[dict | None]) -> str:
     """What a task-vector method chose on val in each run: lambda (alpha for WiSE-FT), k %, p."""
     if not any(tasks):
@@ -147,11 +156,6 @@ def print_table(tables: list[dict], title: str) -> dict:
         summary[kind] = rows
     greedy = [t["greedy_soup"] for t in tables]
     result = {"runs": tables, "val_size": tables[0]["all"]["val_size"]}
-    for split in ["test"] + (["ood"] if has_ood else []):
-        diffs = [g[f"{split}_vs_best"]["diff_pp"] for g in greedy]
-        result[f"greedy_minus_best_{split}"] = statistics.mean(diffs)
-        result[f"greedy_minus_best_{split}_paired_se"] = statistics.mean(g[f"{split}_vs_best"]["se_pp"] for g in greedy)
-        result[f"greedy_minus_best_{split}_per_seed"] = diffs
     result["uniform_minus_median_test_per_seed"] = [t["uniform_soup"]["test"] - statistics.median(t["all"]["ingredients_test"])
                                                     for t in tables]
     result["uniform_minus_median_test"] = statistics.mean(result["uniform_minus_median_test_per_seed"])
@@ -159,19 +163,11 @@ def print_table(tables: list[dict], title: str) -> dict:
     result["greedy_size"] = statistics.mean(result["greedy_size_per_seed"])
     print(f"\nval: {result['val_size']} examples, one example is {100 / result['val_size']:.2f} points")
     for split in ["test"] + (["ood"] if has_ood else []):
-        print(f"greedy_minus_best_{split} = {result[f'greedy_minus_best_{split}']:+.2f} pp "
-              f"(paired SE {result[f'greedy_minus_best_{split}_paired_se']:.2f}, per run, averaged); per seed: "
-              + ", ".join(f"{d:+.2f}" for d in result[f"greedy_minus_best_{split}_per_seed"]))
+        paired_summary(result, f"greedy_minus_best_{split}", [g[f"{split}_vs_best"] for g in greedy])
     print(f"uniform_minus_median_test = {result['uniform_minus_median_test']:+.2f} pp; per seed: "
           + ", ".join(f"{d:+.2f}" for d in result["uniform_minus_median_test_per_seed"]))
     for split in ["test"] + (["ood"] if has_ood else []):
-        diffs = [t["wiseft_soup"][f"{split}_vs_greedy"] for t in tables]
-        result[f"wiseft_minus_greedy_{split}"] = statistics.mean(d["diff_pp"] for d in diffs)
-        result[f"wiseft_minus_greedy_{split}_paired_se"] = statistics.mean(d["se_pp"] for d in diffs)
-        result[f"wiseft_minus_greedy_{split}_per_seed"] = [d["diff_pp"] for d in diffs]
-        print(f"wiseft_minus_greedy_{split} = {result[f'wiseft_minus_greedy_{split}']:+.2f} pp (paired SE "
-              f"{result[f'wiseft_minus_greedy_{split}_paired_se']:.2f}); per seed: "
-              + ", ".join(f"{d['diff_pp']:+.2f}" for d in diffs))
+        paired_summary(result, f"wiseft_minus_greedy_{split}", [t["wiseft_soup"][f"{split}_vs_greedy"] for t in tables])
     result["wiseft_alpha_per_seed"] = [t["wiseft_soup"]["task"]["scale"] for t in tables]
     print(f"greedy_size = {result['greedy_size']:.1f} of {tables[0]['all']['n_ingredients']}; per seed: {result['greedy_size_per_seed']}")
     return result

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from quality import correct_per_example, ood_correct, paired, run_flow
+from quality import correct_per_example, ood_correct, paired, paired_summary, run_flow
 
 from model_soups.config import parse_config
 from model_soups.storage import Layout, Store
@@ -73,14 +72,9 @@ def main() -> None:
         print(f"| {r['seed']} | {r['strategy']} | {r['val']:.2f} | {r['test']:.2f} | {r['ood']:.2f} | {r['size']} | "
               f"{r['best_val']:.2f} | {r['best_test']:.2f} | {r['best_ood']:.2f} |")
     result = {"rows": rows, "seeds": args.seeds, "n": args.n, "objective": args.objective, "command": " ".join(sys.argv)}
+    print()
     for split in ("test", "ood"):
-        d = diffs[split]
-        result[f"soup_aware_minus_random_{split}"] = statistics.mean(x["diff_pp"] for x in d)
-        result[f"soup_aware_minus_random_{split}_paired_se"] = statistics.mean(x["se_pp"] for x in d)
-        result[f"soup_aware_minus_random_{split}_per_seed"] = [x["diff_pp"] for x in d]
-        print(f"\nsoup_aware_minus_random_{split} = {result[f'soup_aware_minus_random_{split}']:+.2f} pp (paired SE "
-              f"{result[f'soup_aware_minus_random_{split}_paired_se']:.2f}, per run, averaged); per seed: "
-              + ", ".join(f"{x['diff_pp']:+.2f} (SE {x['se_pp']:.2f})" for x in d))
+        paired_summary(result, f"soup_aware_minus_random_{split}", diffs[split], per_seed_se=True)
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path(f"bench/results/sweep_digits_{args.objective}.json").write_text(json.dumps(result, indent=2))
 
