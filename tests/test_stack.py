@@ -14,6 +14,7 @@ import httpx
 import pytest
 import s3fs
 
+from model_soups.soups import SOUP_METHODS
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,13 @@ def test_on_demand_form_shows_each_recipes_own_options_as_fields(deployed):
     width = definitions["DigitsOptions"]["properties"]["width"]
     assert width["type"] == "integer" and width["minimum"] == 4 and "average" in width["description"]
     assert "train" in definitions["TextOptions"]["properties"]
-    assert definitions["SoupOptions"]["properties"]["methods"]["items"]["enum"] == ["uniform", "greedy", "learned"]
+    soup = definitions["SoupOptions"]["properties"]
+    assert soup["methods"]["items"]["enum"] == list(SOUP_METHODS)
+    # each soup method's options are a section of their own, with their ranges: the form checks them as you type
+    assert soup["ties"]["$ref"].endswith("/TiesOptions")
+    top_k = definitions["TiesOptions"]["properties"]["top_k"]
+    assert top_k["type"] == "array" and top_k["items"]["exclusiveMinimum"] == 0 and top_k["items"]["maximum"] == 100
+    assert definitions["WiseFTOptions"]["properties"]["alpha"]["items"]["maximum"] == 1
 
 
 def worker_of(pid: int, workers: dict[int, str]) -> int | None:
