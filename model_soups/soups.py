@@ -221,7 +221,7 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
     theta0 = weighted_sum(ctx.store, [ctx.pretrained], None, accumulate, ctx.reference) if ctx.pretrained else None
     trajectory, best = [], None
     for shape, group in groupby(merges, key=lambda m: replace(m, scale=1.0)):
-        tau = task_vectors.task_vector(ctx.store, ctx.pretrained, ingredients, shape, accumulate, ctx.reference)
+        tau = task_vectors.task_vector(ctx.store, ctx.pretrained, ingredients, shape, accumulate, ctx.reference, theta0)
         for merge in group:
             score = ctx.score(task_vectors.apply(theta0, tau, merge.scale, ctx.reference), len(ingredients) + 1)
             trajectory.append({**merge.describe(), "soup_val": score, "chosen": False})
@@ -278,7 +278,7 @@ def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, referenc
     if soup.task is None:
         return weighted_average(store, soup.ingredients, soup.weights, accumulate, reference)
     theta0 = weighted_sum(store, [pretrained], None, accumulate, reference) if pretrained else None
-    tau = task_vectors.task_vector(store, pretrained, soup.ingredients, soup.task, accumulate, reference)
+    tau = task_vectors.task_vector(store, pretrained, soup.ingredients, soup.task, accumulate, reference, theta0)
     return task_vectors.apply(theta0, tau, soup.task.scale, reference)
 
 

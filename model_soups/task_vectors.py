@@ -67,9 +67,11 @@ def elect_and_mean(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def task_vector(store: Store, pretrained: Ingredient | None, ingredients: Sequence[Ingredient], merge: TaskMerge,
-                accumulate: torch.dtype, reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+                accumulate: torch.dtype, reference: Mapping[str, TensorInfo],
+                theta0: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and
-    the first ingredient's integer and boolean buffers. Every checkpoint's sha256 is checked as it closes."""
+    the first ingredient's integer and boolean buffers. Every checkpoint's sha256 is checked as it closes. `theta0`,
+    the pretrained start already loaded in the accumulation dtype, saves reading it again."""
     if pretrained is None:
         raise ValueError(f"a task-vector merge ({merge.combine}) needs the pretrained start theta_0: the run has none. "
                          "Give the recipe a pretrained checkpoint, or cook only uniform, greedy and learned soups")
@@ -77,21 +79,22 @@ def task_vector(store: Store, pretrained: Ingredient | None, ingredients: Sequen
         raise ValueError("a soup needs at least one ingredient")
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        try:
-            (base,) = open_all(store, [pretrained], stack, reference)
-        except CorruptCheckpoint as error:
-            raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
+        if theta0 is None:
+            try:
+                (base,) = open_all(store, [pretrained], stack, reference)
+            except CorruptCheckpoint as error:
+                raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
         readers = open_all(store, ingredients, stack, reference)
         for name, info in reference.items():
             if not info.dtype.is_floating_point:
                 out[name] = readers[0].tensor(name)  # integer and boolean buffers: the first ingredient's
                 continue
-            theta0 = base.tensor(name).to(accumulate)
+            start = theta0[name] if theta0 is not None else base.tensor(name).to(accumulate)
             total, deltas = None, []
             for ingredient, reader in zip(ingredients, readers):
                 tensor = reader.tensor(name)
                 check_finite(name, tensor, reader.url)
-                delta = tensor.to(accumulate) - theta0
+                delta = tensor.to(accumulate) - start
                 if merge.drop is not None:
                     delta = torch.where(dare_keep(info.shape, merge.drop, merge.seed, ingredient.id, name),
                                         delta / (1 - merge.drop), torch.zeros_like(delta))
