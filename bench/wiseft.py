@@ -21,11 +21,11 @@ import torch
 
 from model_soups.config import parse_config
 from model_soups.evaluate import predict
-from model_soups.merge import Ingredient, weighted_sum
+from model_soups.merge import Ingredient
 from model_soups.recipes import get_recipe
 from model_soups.soups import ALPHAS
 from model_soups.storage import RunFolder, Store
-from model_soups.task_vectors import TaskMerge, apply, task_vector
+from model_soups.task_vectors import TaskMerge, apply, start, task_vector
 
 
 def path(store: Store, manifest: dict, on: str) -> dict[float, dict[str, float]]:
@@ -37,8 +37,8 @@ def path(store: Store, manifest: dict, on: str) -> dict[float, dict[str, float]]
     pretrained = Ingredient("pretrained", manifest["pretrained"]["url"], manifest["pretrained"]["sha256"])
     with store.open_checkpoint(pretrained.url) as reader:
         reference = reader.info
-    theta0 = weighted_sum(store, [pretrained], None, torch.float32, reference)
-    tau = task_vector(store, pretrained, members, TaskMerge("mean"), torch.float32, reference)
+    theta0 = start(store, pretrained, torch.float32, reference)
+    tau = task_vector(store, theta0, members, TaskMerge("mean"), torch.float32, reference)
     model = recipe.build_model().eval()
     out = {}
     for alpha in ALPHAS:

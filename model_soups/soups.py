@@ -218,10 +218,10 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
     """Score every candidate merge on val and keep the best (the first of equals, in the order given). Candidates
     that differ only in `scale` share one pass over the checkpoints; each costs one evaluation."""
     accumulate = ACCUMULATE[ctx.options.accumulate]
-    theta0 = weighted_sum(ctx.store, [ctx.pretrained], None, accumulate, ctx.reference) if ctx.pretrained else None
+    theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
     trajectory, best = [], None
     for shape, group in groupby(merges, key=lambda m: replace(m, scale=1.0)):
-        tau = task_vectors.task_vector(ctx.store, ctx.pretrained, ingredients, shape, accumulate, ctx.reference, theta0)
+        tau = task_vectors.task_vector(ctx.store, theta0, ingredients, shape, accumulate, ctx.reference)
         for merge in group:
             score = ctx.score(task_vectors.apply(theta0, tau, merge.scale, ctx.reference), len(ingredients) + 1)
             trajectory.append({**merge.describe(), "soup_val": score, "chosen": False})
@@ -277,8 +277,8 @@ def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, referenc
     """The soup's weights, computed exactly as its method scored them."""
     if soup.task is None:
         return weighted_average(store, soup.ingredients, soup.weights, accumulate, reference)
-    theta0 = weighted_sum(store, [pretrained], None, accumulate, reference) if pretrained else None
-    tau = task_vectors.task_vector(store, pretrained, soup.ingredients, soup.task, accumulate, reference, theta0)
+    theta0 = task_vectors.start(store, pretrained, accumulate, reference)
+    tau = task_vectors.task_vector(store, theta0, soup.ingredients, soup.task, accumulate, reference)
     return task_vectors.apply(theta0, tau, soup.task.scale, reference)
 
 

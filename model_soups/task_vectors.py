@@ -1,7 +1,7 @@
 """Merges of task vectors tau_i = theta_i - theta_0: WiSE-FT, task arithmetic, TIES-merging and DARE.
 
 Every one is theta_0 + scale * combine(tau_1, ..., tau_N), computed one tensor at a time over all the
-checkpoints (the pretrained start and each ingredient open at once, read tensor by tensor):
+checkpoints (theta_0 loaded once, the ingredients open at once and read tensor by tensor):
 - `mean` / `sum`: linear (WiSE-FT is the mean over a soup's ingredients, task arithmetic the sum);
 - `ties`: sign election and disjoint mean (Yadav et al., NeurIPS 2023), after the TIES trim to the top-k%
   of each delta's entries by magnitude, or after DARE's drop;
@@ -24,7 +24,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from model_soups.merge import Ingredient, check_finite, open_all
+from model_soups.merge import Ingredient, check_finite, open_all, weighted_sum
 from model_soups.storage import CorruptCheckpoint, Store, TensorInfo
 
 
@@ -66,35 +66,38 @@ def elect_and_mean(deltas: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (deltas * agrees).sum(dim=0) / count.clamp_min(1), torch.zeros_like(sign))
 
 
-def task_vector(store: Store, pretrained: Ingredient | None, ingredients: Sequence[Ingredient], merge: TaskMerge,
-                accumulate: torch.dtype, reference: Mapping[str, TensorInfo],
-                theta0: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and
-    the first ingredient's integer and boolean buffers. Every checkpoint's sha256 is checked as it closes. `theta0`,
-    the pretrained start already loaded in the accumulation dtype, saves reading it again."""
+def start(store: Store, pretrained: Ingredient | None, accumulate: torch.dtype,
+          reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """theta_0, what every task-vector merge subtracts: the pretrained start in the accumulation dtype, checked
+    against the reference and its sha256."""
     if pretrained is None:
-        raise ValueError(f"a task-vector merge ({merge.combine}) needs the pretrained start theta_0: the run has none. "
+        raise ValueError("a task-vector merge needs the pretrained start theta_0: the run has none. "
                          "Give the recipe a pretrained checkpoint, or cook only uniform, greedy and learned soups")
+    try:
+        return weighted_sum(store, [pretrained], None, accumulate, reference)
+    except CorruptCheckpoint as error:
+        raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
+
+
+def task_vector(store: Store, theta0: Mapping[str, torch.Tensor], ingredients: Sequence[Ingredient], merge: TaskMerge,
+                accumulate: torch.dtype, reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and
+    the first ingredient's integer and boolean buffers; `theta0` as `start` gives it. Every checkpoint's sha256
+    is checked as it closes."""
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient")
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        if theta0 is None:
-            try:
-                (base,) = open_all(store, [pretrained], stack, reference)
-            except CorruptCheckpoint as error:
-                raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
         readers = open_all(store, ingredients, stack, reference)
         for name, info in reference.items():
             if not info.dtype.is_floating_point:
                 out[name] = readers[0].tensor(name)  # integer and boolean buffers: the first ingredient's
                 continue
-            start = theta0[name] if theta0 is not None else base.tensor(name).to(accumulate)
             total, deltas = None, []
             for ingredient, reader in zip(ingredients, readers):
                 tensor = reader.tensor(name)
                 check_finite(name, tensor, reader.url)
-                delta = tensor.to(accumulate) - start
+                delta = tensor.to(accumulate) - theta0[name]
                 if merge.drop is not None:
                     delta = torch.where(dare_keep(info.shape, merge.drop, merge.seed, ingredient.id, name),
                                         delta / (1 - merge.drop), torch.zeros_like(delta))

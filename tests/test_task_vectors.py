@@ -10,7 +10,7 @@ from model_soups.config import ConfigError, SoupOptions, parse_config
 from model_soups.merge import CheckpointMismatch, Ingredient, NonFiniteCheckpoint
 from model_soups.soups import SoupContext, search, soup_state, task_arithmetic, ties, wiseft_best, wiseft_soup
 from model_soups.storage import CorruptCheckpoint
-from model_soups.task_vectors import TaskMerge, apply, dare_keep, task_vector
+from model_soups.task_vectors import TaskMerge, apply, dare_keep, start, task_vector
 from tests.test_merge import any_store, perturbed_states, save_all, store  # noqa: F401 (fixtures)
 
 F64 = torch.float64
@@ -26,8 +26,8 @@ def stored(store, n=3, dtype=torch.float32):
 
 
 def merged(store, pretrained, ingredients, merge, reference, accumulate=F64):
-    theta0 = {name: t.to(accumulate) if t.is_floating_point() else t for name, t in store.load_checkpoint(pretrained.url).items()}
-    return apply(theta0, task_vector(store, pretrained, ingredients, merge, accumulate, reference), merge.scale, reference)
+    theta0 = start(store, pretrained, accumulate, reference)
+    return apply(theta0, task_vector(store, theta0, ingredients, merge, accumulate, reference), merge.scale, reference)
 
 
 def reference_ties(theta0: np.ndarray, thetas: list[np.ndarray], top_k: float | None, scale: float,
@@ -174,7 +174,7 @@ def test_ties_candidates_that_differ_only_in_lambda_share_one_pass_over_the_chec
     monkeypatch.setattr("model_soups.task_vectors.open_all", lambda *args, **kw: passes.append(1) or original(*args, **kw))
     from model_soups.merge import open_all as original
     search(ctx, "ties", ctx.ranked, [TaskMerge("ties", x, top_k=k) for k in (10.0, 50.0) for x in (0.5, 1.0, 2.0)])
-    assert len(passes) == 2  # the ingredients, once per k (the pretrained start is read once, before)
+    assert len(passes) == 2  # the ingredients, once per k (the pretrained start is read once, by `start`)
 
 
 @pytest.mark.parametrize("section, value, expected", [
@@ -207,22 +207,22 @@ def test_wiseft_of_a_soup_that_is_not_cooked_is_refused():
 def test_a_merge_without_the_pretrained_start_is_refused(store):
     pretrained, ingredients, _, _, reference = stored(store)
     with pytest.raises(ValueError, match="needs the pretrained start theta_0: the run has none"):
-        task_vector(store, None, ingredients, TaskMerge("sum"), F64, reference)
+        start(store, None, F64, reference)
     gone = Ingredient("pretrained", store.url("gone.safetensors"))
     with pytest.raises(CorruptCheckpoint, match="the pretrained start, which a task-vector merge subtracts, is unusable.*not found"):
-        task_vector(store, gone, ingredients, TaskMerge("ties", top_k=20.0), F64, reference)
+        start(store, gone, F64, reference)
 
 
 def test_a_checkpoint_of_another_model_or_with_nan_is_refused_by_name(store):
-    pretrained, ingredients, start, states, reference = stored(store)
+    pretrained, ingredients, _, states, reference = stored(store)
     url = store.url("other.safetensors")
     other = Ingredient("other", url, store.save_checkpoint(url, {k: v for k, v in states[0].items() if not k.startswith("head.")}))
     with pytest.raises(CheckpointMismatch, match="other.safetensors: key .* is missing"):
-        task_vector(store, pretrained, ingredients + [other], TaskMerge("sum"), F64, reference)
+        task_vector(store, start(store, pretrained, F64, reference), ingredients + [other], TaskMerge("sum"), F64, reference)
     url = store.url("nan.safetensors")
     poisoned = {k: v.clone() for k, v in states[0].items()}
     name = next(k for k, v in poisoned.items() if v.is_floating_point())
     poisoned[name].view(-1)[0] = float("nan")
     nan = Ingredient("nan", url, store.save_checkpoint(url, poisoned))
     with pytest.raises(NonFiniteCheckpoint, match=f"nan.safetensors: tensor '{name}' holds NaN"):
-        task_vector(store, pretrained, [nan], TaskMerge("ties", top_k=20.0), F64, reference)
+        task_vector(store, start(store, pretrained, F64, reference), [nan], TaskMerge("ties", top_k=20.0), F64, reference)
