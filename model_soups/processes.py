@@ -45,24 +45,22 @@ def device_slots(setting: int | str) -> list[dict[str, str]]:
             for i in range(count)]
 
 
-def evaluation_threads(execution: ExecutionConfig) -> int | None:
-    """Torch threads for the orchestrator's own evaluations: the cores that fine-tunes on this machine's CPU slots
-    leave (at least one), so that evaluating while they train does not oversubscribe their cores. None where the
-    fine-tunes leave this CPU alone (on CUDA devices, or as runs on a work pool)."""
+def orchestrator_threads(execution: ExecutionConfig) -> int | None:
+    """Torch threads for the flow's own work (verifying, evaluating, cooking): the cores that fine-tunes on this
+    machine's CPU slots leave (at least one), so that evaluating while they train does not oversubscribe their
+    cores. None where the fine-tunes leave this CPU alone (on CUDA devices, or as runs on a work pool)."""
     if execution.fanout == "work-pool" or torch.cuda.device_count():
         return None
     return max(1, len(os.sched_getaffinity(0)) - len(device_slots(execution.device_slots)))
 
 
-# torch's own count for this process, read on import; every evaluation gives it back, so that a task that runs next
-# on the same thread (cooking) or on a fresh one runs as it would have without evaluations before it
-TORCH_THREADS = torch.get_num_threads()
+TORCH_THREADS = torch.get_num_threads()  # torch's own count for this process, read on import
 
 
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
-    """Torch ops of the calling thread run on `count` intra-op threads (None: as they are), then on TORCH_THREADS.
-    The count changes timing only: logits are bit-identical at any count (a test checks this)."""
+    """Torch runs on `count` intra-op threads (None: as it is), then on TORCH_THREADS again. Threads started
+    inside take the count too. It changes timing only: logits are bit-identical at any count (a test checks this)."""
     if count is None:
         yield
         return

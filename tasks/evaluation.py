@@ -7,7 +7,6 @@ from prefect import get_run_logger, task
 from model_soups.config import RunConfig
 from model_soups.evaluate import evaluate_ingredient
 from model_soups.ingredients import open_storage
-from model_soups.processes import evaluation_threads, torch_threads
 from model_soups.recipes import get_recipe
 from model_soups.records import EvaluationRecord, IngredientRecord
 from tasks import QUIET
@@ -17,5 +16,4 @@ from tasks import QUIET
 def evaluate(config: RunConfig, meta: IngredientRecord, split: str) -> EvaluationRecord:
     store, layout = open_storage(config)
     recipe = get_recipe(config.recipe.name, config.recipe.options)
-    with torch_threads(evaluation_threads(config.execution)):  # the same count barrier or pipelined
-        return evaluate_ingredient(store, layout, recipe, meta, split, get_run_logger().info)
+    return evaluate_ingredient(store, layout, recipe, meta, split, get_run_logger().info)

@@ -10,7 +10,7 @@ import torch
 
 from model_soups.config import ExecutionConfig
 from model_soups.evaluate import metrics, predict
-from model_soups.processes import TORCH_THREADS, evaluation_threads, torch_threads
+from model_soups.processes import TORCH_THREADS, orchestrator_threads, torch_threads
 from model_soups.recipes import get_recipe
 from model_soups.recipes.digits import Digits
 from model_soups.soups import recompute_batchnorm
@@ -83,12 +83,12 @@ def test_logits_are_bit_identical_at_any_torch_thread_count(tmp_path):
         assert np.array_equal(one, two), recipe.name
 
 
-def test_orchestrator_evaluations_take_the_cores_that_cpu_fine_tunes_leave(monkeypatch):
+def test_the_orchestrator_takes_the_cores_that_cpu_fine_tunes_leave(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert evaluation_threads(ExecutionConfig(device_slots=2)) == 6
-    assert evaluation_threads(ExecutionConfig(device_slots="auto")) == 1  # one slot per core: at least one
-    assert evaluation_threads(ExecutionConfig(device_slots=12)) == 1
-    assert evaluation_threads(ExecutionConfig(fanout="work-pool")) is None  # the pool's fine-tunes run elsewhere
+    assert orchestrator_threads(ExecutionConfig(device_slots=2)) == 6
+    assert orchestrator_threads(ExecutionConfig(device_slots="auto")) == 1  # one slot per core: at least one
+    assert orchestrator_threads(ExecutionConfig(device_slots=12)) == 1
+    assert orchestrator_threads(ExecutionConfig(fanout="work-pool")) is None  # the pool's fine-tunes run elsewhere
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert evaluation_threads(ExecutionConfig(device_slots="auto")) is None  # on GPUs they leave the CPU alone
+    assert orchestrator_threads(ExecutionConfig(device_slots="auto")) is None  # on GPUs they leave the CPU alone
