@@ -11,7 +11,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id
-from model_soups.processes import orchestrator_threads, torch_threads
 from model_soups.records import IngredientRecord
 from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -51,51 +50,49 @@ def this_run(config: RunConfig) -> str:
 @flow(name="model-soup", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
 def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     """Fine-tune a sweep of ingredients, evaluate them, cook the soups and publish the soup and a report."""
-    # the flow's own torch work (verifying, evaluating, cooking) takes the cores that CPU fine-tunes leave
-    with torch_threads(orchestrator_threads(config.execution)):
-        logger = get_run_logger()
-        run_id = this_run(config)
-        pretrained, specs, splits = prepare(config)
+    logger = get_run_logger()
+    run_id = this_run(config)
+    pretrained, specs, splits = prepare(config)
 
-        evaluating: dict[str, list[PrefectFuture]] = {}
+    evaluating: dict[str, list[PrefectFuture]] = {}
 
-        def start_evaluations(meta: IngredientRecord) -> None:
-            evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
+    def start_evaluations(meta: IngredientRecord) -> None:
+        evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
 
-        # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
-        ready = start_evaluations if config.execution.pipeline else lambda meta: None
-        metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
-        if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
+    # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
+    ready = start_evaluations if config.execution.pipeline else lambda meta: None
+    metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
+    if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
 
-            def val_of(meta: IngredientRecord) -> float:
-                if meta.id not in evaluating:
-                    start_evaluations(meta)
-                return evaluating[meta.id][splits.index("val")].result().accuracy
-
-            more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
-            metas, failed = metas + more, failed + left_out
-        reused = sum(1 for m in metas if m.reused)
-        logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
-        if len(metas) < config.execution.min_ingredients:
-            raise TooFewIngredients(f"only {len(metas)} ingredients survived, execution.min_ingredients is "
-                                    f"{config.execution.min_ingredients}; failures: {[f.model_dump() for f in failed]}")
-
-        for meta in metas:
+        def val_of(meta: IngredientRecord) -> float:
             if meta.id not in evaluating:
                 start_evaluations(meta)
-        evaluations = [future.result() for meta in metas for future in evaluating[meta.id]]  # sweep order, split order
-        logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
-        val_accuracy = val_accuracies(evaluations)
+            return evaluating[meta.id][splits.index("val")].result().accuracy
 
-        # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
-        first = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m) for m in config.soup.methods
-                 if SOUP_METHODS[m].builds_on is None}
-        then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].builds_on(config.soup)])
-                for m in config.soup.methods if m not in first}
-        soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
-        logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-        paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
-        if failed:
-            logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
-        logger.info(f"run folder {paths['run']}")
-        return paths
+        more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
+        metas, failed = metas + more, failed + left_out
+    reused = sum(1 for m in metas if m.reused)
+    logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
+    if len(metas) < config.execution.min_ingredients:
+        raise TooFewIngredients(f"only {len(metas)} ingredients survived, execution.min_ingredients is "
+                                f"{config.execution.min_ingredients}; failures: {[f.model_dump() for f in failed]}")
+
+    for meta in metas:
+        if meta.id not in evaluating:
+            start_evaluations(meta)
+    evaluations = [future.result() for meta in metas for future in evaluating[meta.id]]  # sweep order, split order
+    logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
+    val_accuracy = val_accuracies(evaluations)
+
+    # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
+    first = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m) for m in config.soup.methods
+             if SOUP_METHODS[m].builds_on is None}
+    then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].builds_on(config.soup)])
+            for m in config.soup.methods if m not in first}
+    soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
+    logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
+    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
+    if failed:
+        logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
+    logger.info(f"run folder {paths['run']}")
+    return paths

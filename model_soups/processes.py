@@ -11,12 +11,10 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from model_soups.config import ExecutionConfig
 from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, FinetuneJob
 from model_soups.storage import StorageUnavailable
 
@@ -43,32 +41,6 @@ def device_slots(setting: int | str) -> list[dict[str, str]]:
         return [{"name": f"cuda:{i % gpus}", "CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(count)]
     return [{"name": f"cpu:{i}", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             for i in range(count)]
-
-
-def orchestrator_threads(execution: ExecutionConfig) -> int | None:
-    """Torch threads for the flow's own work (verifying, evaluating, cooking): the cores that fine-tunes on this
-    machine's CPU slots leave (at least one), so that evaluating while they train does not oversubscribe their
-    cores. None where the fine-tunes leave this CPU alone (on CUDA devices, or as runs on a work pool)."""
-    if execution.fanout == "work-pool" or torch.cuda.device_count():
-        return None
-    return max(1, len(os.sched_getaffinity(0)) - len(device_slots(execution.device_slots)))
-
-
-TORCH_THREADS = torch.get_num_threads()  # torch's own count for this process, read on import
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Torch runs on `count` intra-op threads (None: as it is), then on TORCH_THREADS again. Threads started
-    inside take the count too. It changes timing only: logits are bit-identical at any count (a test checks this)."""
-    if count is None:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(TORCH_THREADS)
 
 
 def this_process_slot() -> dict[str, str]:

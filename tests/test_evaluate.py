@@ -1,16 +1,12 @@
-"""Metrics, BatchNorm re-estimation, user recipes by dotted path, sentence pairs, evaluation threads."""
+"""Metrics, BatchNorm re-estimation, user recipes by dotted path, sentence pairs."""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from model_soups.config import ExecutionConfig
-from model_soups.evaluate import metrics, predict
-from model_soups.processes import TORCH_THREADS, orchestrator_threads, torch_threads
+from model_soups.evaluate import metrics
 from model_soups.recipes import get_recipe
 from model_soups.recipes.digits import Digits
 from model_soups.soups import recompute_batchnorm
@@ -65,30 +61,3 @@ def test_a_split_is_loaded_once_per_process_for_the_same_data_and_options(monkey
     assert loads == ["val"]
     other = get_recipe("digits", {"width": 4, "split_seed": 8}).dataset("val")  # other data: loaded anew
     assert loads == ["val", "val"] and not torch.equal(other.labels, first.dataset("val").labels)
-
-
-def test_logits_are_bit_identical_at_any_torch_thread_count(tmp_path):
-    """What lets the orchestrator evaluate on the cores CPU fine-tunes leave: the count changes timing, never a number."""
-    (tmp_path / "s.tsv").write_text("sentence\tlabel\n" + "a fine film\t1\nso dull , so long\t0\n" * 40)
-    for recipe, split in ((get_recipe("digits", {}), "ood:rotate"),
-                          (get_recipe("text", {"train": str(tmp_path / "s.tsv"), "text_column": "sentence"}), "val")):
-        torch.manual_seed(0)
-        model, data = recipe.build_model(), recipe.dataset(split)
-        with torch_threads(1):
-            assert torch.get_num_threads() == 1
-            one = predict(model, data, recipe.eval_batch_size)
-        assert torch.get_num_threads() == TORCH_THREADS  # torch's own count, whatever ran before
-        with torch_threads(2):
-            two = predict(model, data, recipe.eval_batch_size)
-        assert np.array_equal(one, two), recipe.name
-
-
-def test_the_orchestrator_takes_the_cores_that_cpu_fine_tunes_leave(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert orchestrator_threads(ExecutionConfig(device_slots=2)) == 6
-    assert orchestrator_threads(ExecutionConfig(device_slots="auto")) == 1  # one slot per core: at least one
-    assert orchestrator_threads(ExecutionConfig(device_slots=12)) == 1
-    assert orchestrator_threads(ExecutionConfig(fanout="work-pool")) is None  # the pool's fine-tunes run elsewhere
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert orchestrator_threads(ExecutionConfig(device_slots="auto")) is None  # on GPUs they leave the CPU alone
