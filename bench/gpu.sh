@@ -7,7 +7,8 @@
 #                           evaluation throughput, merge on the GPU; prints one table
 #   bench/gpu.sh pipeline   on the device machine (carry .whl): bench/pipeline.py --overlap on the demo config,
 #                           fine-tunes on the GPU (device_slots auto), barrier vs pipelined evaluation
-# GPU_PYTHON (3.12, the device image's) picks the wheels' Python. Each finishes in a few minutes; bench/RESULTS.md holds the latest tables with the card they ran on.
+# GPU_PYTHON (3.12, the device image's) picks the wheels' Python. Each finishes in a few minutes;
+# bench/RESULTS.md holds the latest tables with the card they ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # what the device image holds (KINDS.md) and is too big to carry; everything else this project needs travels
