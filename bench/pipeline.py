@@ -56,8 +56,9 @@ class CpuSampler:
 
     def __init__(self, every: float = 0.2):
         self.samples: list[tuple[float, float, float]] = []  # (end time, seconds, busy share of all cores)
-        self.available = Path("/proc/stat").exists()
-        if self.available:
+        self.available, self.cores = Path("/proc/stat").exists(), os.cpu_count()
+        if self.available:  # the cores /proc/stat counts, which a container may show more of than it may use
+            self.cores = sum(line.startswith("cpu") and line[3].isdigit() for line in Path("/proc/stat").read_text().splitlines())
             threading.Thread(target=self._sample, args=(every,), daemon=True).start()
 
     @staticmethod
@@ -77,8 +78,7 @@ class CpuSampler:
     def core_seconds(self, start: float, end: float, busy: bool = True) -> float | None:
         if not self.available:
             return None
-        cores = os.cpu_count()
-        return sum(seconds * cores * (share if busy else 1 - share) for at, seconds, share in self.samples if start < at <= end)
+        return sum(seconds * self.cores * (share if busy else 1 - share) for at, seconds, share in self.samples if start < at <= end)
 
 
 DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -120,6 +120,7 @@ def run(slots: int, n: int, pipeline: bool = True, root: str | None = None, cpu:
             "overhead_fraction": (wall_s - busy_s) / wall_s, "server_and_setup_s": (returned - called) - wall_s,
             "finetune_stage_s": stage_s, "train_loop_s": train_s,
             # CPU arithmetic: what the fine-tune stage leaves idle, and what the evaluations take (both in core-seconds)
+            "cores": cpu.cores if cpu else os.cpu_count(),
             "finetune_stage_idle_core_s": cpu.core_seconds(*stage, busy=False) if cpu else None,
             "evaluation_busy_core_s": cpu.core_seconds(*evaluating) if cpu else None,
             "per_finetune_overhead_s": (stage_s * slots - train_s) / n,
@@ -224,7 +225,7 @@ def print_overlap(barrier: dict, pipelined: dict) -> dict:
           f"soups byte-identical (sha256 of every method's stored soup): {identical}")
     most = most_saved(barrier)
     if most is not None:
-        cores, idle, busy = os.cpu_count(), barrier["finetune_stage_idle_core_s"], barrier["evaluation_busy_core_s"]
+        cores, idle, busy = barrier["cores"], barrier["finetune_stage_idle_core_s"], barrier["evaluation_busy_core_s"]
         print(f"CPU arithmetic (the barrier run): its fine-tune stage left {idle:.1f} core-s idle "
               f"({100 * idle / (cores * barrier['finetune_stage_s']):.0f}% of {cores} cores x {barrier['finetune_stage_s']:.1f} s); "
               f"its evaluation stage kept {busy:.1f} core-s busy. Pipelined, what does not fit in the idle core-seconds "
@@ -240,7 +241,7 @@ def most_saved(barrier: dict) -> float | None:
     idle, busy = barrier["finetune_stage_idle_core_s"], barrier["evaluation_busy_core_s"]
     if idle is None or busy is None:
         return None
-    return barrier["evaluation_s"] - max(0.0, busy - idle) / os.cpu_count()
+    return barrier["evaluation_s"] - max(0.0, busy - idle) / barrier["cores"]
 
 
 def main() -> None:
