@@ -57,7 +57,7 @@ class CpuSampler:
     def __init__(self, every: float = 0.2):
         self.samples: list[tuple[float, float, float]] = []  # (end time, seconds, busy share of all cores)
         self.available, self.cores = Path("/proc/stat").exists(), os.cpu_count()
-        if self.available:  # the cores /proc/stat counts, which a container may show more of than it may use
+        if self.available:  # divide by the cores /proc/stat sums over, which need not be os.cpu_count()
             self.cores = sum(line.startswith("cpu") and line[3].isdigit() for line in Path("/proc/stat").read_text().splitlines())
             threading.Thread(target=self._sample, args=(every,), daemon=True).start()
 
@@ -244,6 +244,13 @@ def most_saved(barrier: dict) -> float | None:
     return barrier["evaluation_s"] - max(0.0, busy - idle) / barrier["cores"]
 
 
+def slots_setting(value: str) -> int | str:
+    """--slots as execution.device_slots takes it: 'auto' or a positive count."""
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: give 'auto' or a positive number of device slots, e.g. --slots 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10)
@@ -251,7 +258,7 @@ def main() -> None:
     parser.add_argument("--text-rounds", type=int, default=30)
     parser.add_argument("--no-flow", action="store_true", help="only the text step timing")
     parser.add_argument("--overlap", action="store_true", help="only barrier vs pipelined evaluation")
-    parser.add_argument("--slots", default="auto", help="--overlap: device slots, as execution.device_slots (auto: the demo's; "
+    parser.add_argument("--slots", default="auto", type=slots_setting, help="--overlap: device slots, as execution.device_slots (auto: the demo's; "
                         "1 of 2 CPU cores leaves one to the orchestrator)")
     parser.add_argument("--repeats", type=int, default=3, help="--overlap: interleaved (barrier, pipelined) pairs")
     args = parser.parse_args()
@@ -263,7 +270,7 @@ def main() -> None:
     if args.no_flow:
         return
     if args.overlap:
-        slots = len(device_slots(args.slots if args.slots == "auto" else int(args.slots)))
+        slots = len(device_slots(args.slots))
         pairs = [print_overlap(barrier, pipelined) for barrier, pipelined in overlap_runs(args.n, args.repeats, slots)]
         saved = [p["barrier"]["flow_wall_s"] - p["pipelined"]["flow_wall_s"] for p in pairs]
         stage = [p["barrier"]["evaluation_s"] for p in pairs]
