@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
-from model_soups.ingredients import new_run_id
+from model_soups.ingredients import fewest_ingredients, new_run_id
 from model_soups.records import IngredientRecord
 from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -25,7 +25,7 @@ RESERVED = 8  # threads a work-pool fan-out leaves free, so that evaluations and
 
 
 class TooFewIngredients(RuntimeError):
-    """Fewer ingredients survived than execution.min_ingredients."""
+    """Fewer ingredients survived than execution.min_ingredients or a cooked soup method needs."""
 
 
 def run_name() -> str:
@@ -73,9 +73,9 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
         metas, failed = metas + more, failed + left_out
     reused = sum(1 for m in metas if m.reused)
     logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
-    if len(metas) < config.execution.min_ingredients:
-        raise TooFewIngredients(f"only {len(metas)} ingredients survived, execution.min_ingredients is "
-                                f"{config.execution.min_ingredients}; failures: {[f.model_dump() for f in failed]}")
+    fewest, why = fewest_ingredients(config)
+    if len(metas) < fewest:
+        raise TooFewIngredients(f"only {len(metas)} ingredients survived, {why}; failures: {[f.model_dump() for f in failed]}")
 
     for meta in metas:
         if meta.id not in evaluating:

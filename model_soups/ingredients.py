@@ -15,6 +15,7 @@ from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_p
 from model_soups.recipes import Recipe, get_recipe
 from model_soups.records import FinetuneJob, IngredientRecord, PretrainedRecord, reuse_or_build
 from model_soups.storage import Layout, Lease, StorageError, StorageUnavailable, Store
+from model_soups.soups import SOUP_METHODS
 from model_soups.sweep import IngredientSpec, expand
 
 Log = Callable[[str], None]
@@ -36,7 +37,22 @@ def make_plan(config: RunConfig) -> Plan:
     specs = expand(config.sweep, recipe, fingerprint)
     if config.soup.final not in config.soup.methods:
         raise ConfigError(f"soup.final: {config.soup.final!r} is not among soup.methods {config.soup.methods}")
+    planned = len(specs) + (config.sweep.n if config.sweep.strategy == "soup-aware" else 0)
+    fewest, why = fewest_ingredients(config)
+    if planned < fewest:
+        raise ConfigError(f"the sweep plans {planned} ingredient(s), but {why}: give more (sweep.n, more values in "
+                          "sweep.params, or sweep.checkpoints), or lower that requirement")
     return Plan(recipe, fingerprint, specs, recipe.splits())
+
+
+def fewest_ingredients(config: RunConfig) -> tuple[int, str]:
+    """The fewest ingredients a run may cook from, and why: execution.min_ingredients, or a cooked soup method's
+    own minimum (Model Stock needs two fine-tunes)."""
+    method = max(config.soup.methods, key=lambda name: SOUP_METHODS[name].min_ingredients)
+    needed = SOUP_METHODS[method].min_ingredients
+    if needed > config.execution.min_ingredients:
+        return needed, f"soup method {method} needs at least {needed} (soup.methods)"
+    return config.execution.min_ingredients, f"execution.min_ingredients is {config.execution.min_ingredients}"
 
 
 def open_storage(config: RunConfig) -> tuple[Store, Layout]:

@@ -196,22 +196,28 @@ def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list
     return ids, matrix, labels
 
 
-def methods_table(results: pd.DataFrame, soups: dict[str, dict] | None = None) -> pd.DataFrame:
+def methods_table(results: pd.DataFrame, soups: dict[str, dict] | None = None,
+                  trajectories: dict[str, list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """`summary` with the test split's NLL and ECE (calibration next to accuracy), and what each task-vector soup
-    chose on val (`soups`: the manifest's)."""
+    chose on val (`soups`: the manifest's; `trajectories`: their records')."""
     table = summary(results)
     test = results[(results.kind != "ingredient") & (results.split == "test")].groupby("kind").first()
     for column in ("nll", "ece"):
         if column in test:
             table[f"test_{column}"] = test[column].reindex(table.index)
-    chosen = {SOUP_METHODS[m].kind: chosen_merge(m, s["task"]) for m, s in (soups or {}).items() if s.get("task")}
+    chosen = {SOUP_METHODS[m].kind: chosen_merge(m, s["task"], (trajectories or {}).get(m, []))
+              for m, s in (soups or {}).items() if s.get("task")}
     if chosen:
         table["chosen on val"] = [chosen.get(kind, "") for kind in table.index]
     return table
 
 
-def chosen_merge(method: str, task: dict[str, Any]) -> str:
-    """alpha for WiSE-FT, lambda for the other task-vector merges, with TIES's k and DARE's p."""
+def chosen_merge(method: str, task: dict[str, Any], trajectory: list[dict[str, Any]] = ()) -> str:
+    """alpha for WiSE-FT, lambda for the other task-vector merges, with TIES's k and DARE's p; Model Stock's t is
+    no choice on val but the deltas' angle, per tensor: its median and range."""
+    if task["combine"] == "model_stock":
+        ratios = [step["t"] for step in trajectory]
+        return f"t {np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), no val" if ratios else "no val"
     words = [f"{'α' if method.startswith('wiseft') else 'λ'} {task['scale']:g}"]
     words += [f"k {task['top_k']:g}%"] if "top_k" in task else []
     words += [f"p {task['drop']:g}"] if "drop" in task else []
@@ -259,8 +265,9 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
     cosine_url = run.file("cosine.json")
     cosine = store.read_json(cosine_url) if store.exists(cosine_url) else {"ids": [], "matrix": []}
     trajectory = manifest.get("greedy_trajectory", [])
-    searches = {method: store.read_json(soup["record"])["trajectory"] for method, soup in manifest["soups"].items()
-                if soup.get("task")}
+    trajectories = {method: store.read_json(soup["record"])["trajectory"] for method, soup in manifest["soups"].items()
+                    if soup.get("task")}
+    searches = {method: steps for method, steps in trajectories.items() if steps and "soup_val" in steps[0]}  # chosen on val
     figures = {
         "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
         "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
@@ -279,7 +286,7 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
                     f"`ood:*` did not. {what_happened(results, trajectory)}"),
-        ("Methods", markdown_table(methods_table(results, manifest.get("soups")))),
+        ("Methods", markdown_table(methods_table(results, manifest.get("soups"), trajectories))),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
         ("Ingredients", markdown_table(ingredients_table(results))),

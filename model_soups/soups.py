@@ -128,6 +128,7 @@ class SoupMethod:
     color: str  # in the report's figures
     options: type[MethodOptions] | None = None  # its section `soup.<name>` of the config
     builds_on: Callable[[SoupOptions], str] | None = None  # the method whose soup it needs (cooked first)
+    min_ingredients: int = 1  # a run that cooks it with fewer is refused before any training
 
     @property
     def kind(self) -> str:
@@ -140,9 +141,9 @@ SOUP_METHODS: dict[str, SoupMethod] = {}
 
 
 def soup_method(name: str, color: str, options: type[MethodOptions] | None = None,
-                builds_on: Callable[[SoupOptions], str] | None = None):
+                builds_on: Callable[[SoupOptions], str] | None = None, min_ingredients: int = 1):
     def register(cook: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
-        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on)
+        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on, min_ingredients)
         return cook
     return register
 
@@ -270,6 +271,16 @@ def dare_ties(ctx: SoupContext) -> Soup:
     """DARE with the TIES merge: drop and rescale every delta, elect signs, disjoint mean."""
     o = ctx.options.dare_ties
     return search(ctx, "dare_ties", ctx.ranked, [TaskMerge("ties", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
+
+
+@soup_method("model_stock", color="#17becf", min_ingredients=2)
+def model_stock(ctx: SoupContext) -> Soup:
+    """Model Stock (Jang et al., ECCV 2024): per tensor theta_0 + t * mean delta, t from the deltas' angle; no val."""
+    merge, stock = TaskMerge("model_stock"), {}
+    theta0 = task_vectors.start(ctx.store, ctx.pretrained, ACCUMULATE[ctx.options.accumulate], ctx.reference)
+    task_vectors.task_vector(ctx.store, theta0, ctx.ranked, merge, ACCUMULATE[ctx.options.accumulate], ctx.reference, stock)
+    trajectory = [{"tensor": name, "cosine": cosine, "t": t} for name, (cosine, t) in stock.items()]
+    return Soup("model_stock", list(ctx.ranked), [1.0] * len(ctx.ranked), trajectory, merge)
 
 
 def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, reference: Mapping[str, TensorInfo],

@@ -1,4 +1,4 @@
-"""Merges of task vectors tau_i = theta_i - theta_0: WiSE-FT, task arithmetic, TIES-merging and DARE.
+"""Merges of task vectors tau_i = theta_i - theta_0: WiSE-FT, task arithmetic, TIES-merging, DARE and Model Stock.
 
 Every one is theta_0 + scale * combine(tau_1, ..., tau_N), computed one tensor at a time over all the
 checkpoints (theta_0 loaded once, the ingredients open at once and read tensor by tensor):
@@ -7,7 +7,10 @@ checkpoints (theta_0 loaded once, the ingredients open at once and read tensor b
   of each delta's entries by magnitude, or after DARE's drop;
 - `drop` (DARE, Yu et al. 2023): each delta entry is dropped with probability p and the rest rescaled by
   1/(1-p), from a generator seeded by (seed, ingredient id, tensor name), so a merge is reproducible and
-  does not depend on the order of the ingredients.
+  does not depend on the order of the ingredients;
+- `model_stock` (Jang et al., ECCV 2024): per tensor, t * mean(tau_i) with t = k cos / ((k-1) cos + 1), where
+  cos is the angle between the k deltas: for k > 2 their mean pairwise cosine, as mergekit takes it. t is
+  clamped to [0, 1]: deltas that disagree on average (cos <= 0) leave the tensor at theta_0.
 
 The trim is per tensor, as mergekit does it, so that nothing needs a whole delta in memory. Peak memory:
 the merged task vector and theta_0 (one model each, in the accumulation dtype) and, for one tensor at a
@@ -32,7 +35,7 @@ from model_soups.storage import CorruptCheckpoint, Store, TensorInfo
 class TaskMerge:
     """theta_0 + scale * combine(tau_1..tau_N)."""
 
-    combine: Literal["mean", "sum", "ties"]
+    combine: Literal["mean", "sum", "ties", "model_stock"]
     scale: float = 1.0
     top_k: float | None = None  # TIES trim: the % of each delta's entries kept, by magnitude, per tensor
     drop: float | None = None  # DARE: the probability an entry of a delta is dropped
@@ -66,6 +69,13 @@ def elect_and_mean(deltas: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (deltas * agrees).sum(dim=0) / count.clamp_min(1), torch.zeros_like(sign))
 
 
+def stock_ratio(cosine: float, k: int) -> float:
+    """Model Stock's t: the weight of the fine-tunes' mean against theta_0 for k deltas at this mean cosine."""
+    if cosine <= 0:
+        return 0.0
+    return min(1.0, k * cosine / ((k - 1) * cosine + 1))
+
+
 def start(store: Store, pretrained: Ingredient | None, accumulate: torch.dtype,
           reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
     """theta_0, what every task-vector merge subtracts: the pretrained start in the accumulation dtype, checked
@@ -80,12 +90,16 @@ def start(store: Store, pretrained: Ingredient | None, accumulate: torch.dtype,
 
 
 def task_vector(store: Store, theta0: Mapping[str, torch.Tensor], ingredients: Sequence[Ingredient], merge: TaskMerge,
-                accumulate: torch.dtype, reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+                accumulate: torch.dtype, reference: Mapping[str, TensorInfo],
+                stock: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
     """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and
     the first ingredient's integer and boolean buffers; `theta0` as `start` gives it. Every checkpoint's sha256
-    is checked as it closes."""
+    is checked as it closes. `stock`, when given, receives Model Stock's (cos, t) of every tensor a fine-tune moved."""
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient")
+    if merge.combine == "model_stock" and len(ingredients) < 2:
+        raise ValueError(f"Model Stock needs at least 2 fine-tunes (the angle between their deltas), the soup has "
+                         f"{len(ingredients)}: fine-tune more (sweep.n >= 2), or drop model_stock from soup.methods")
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         readers = open_all(store, ingredients, stack, reference)
@@ -93,7 +107,7 @@ def task_vector(store: Store, theta0: Mapping[str, torch.Tensor], ingredients: S
             if not info.dtype.is_floating_point:
                 out[name] = readers[0].tensor(name)  # integer and boolean buffers: the first ingredient's
                 continue
-            total, deltas = None, []
+            total, deltas, directions, still = None, [], None, []
             for ingredient, reader in zip(ingredients, readers):
                 tensor = reader.tensor(name)
                 check_finite(name, tensor, reader.url)
@@ -105,14 +119,39 @@ def task_vector(store: Store, theta0: Mapping[str, torch.Tensor], ingredients: S
                     delta = trim(delta, merge.top_k)
                 if merge.combine == "ties":
                     deltas.append(delta)
-                else:
-                    total = delta if total is None else total.add_(delta)
+                    continue
+                if merge.combine == "model_stock":  # the sum of unit deltas gives their mean pairwise cosine
+                    norm = torch.linalg.vector_norm(delta)
+                    if norm == 0:
+                        still.append(ingredient.id)
+                    else:
+                        directions = delta / norm if directions is None else directions.add_(delta / norm)
+                total = delta if total is None else total.add_(delta)
             if merge.combine == "ties":
                 out[name] = elect_and_mean(torch.stack(deltas))
                 del deltas
+            elif merge.combine == "model_stock":
+                out[name] = stock_merge(name, total, directions, still, len(ingredients), stock)
             else:
                 out[name] = total / len(ingredients) if merge.combine == "mean" else total
     return out
+
+
+def stock_merge(name: str, total: torch.Tensor, directions: torch.Tensor | None, still: list[str], k: int,
+                stock: dict[str, tuple[float, float]] | None) -> torch.Tensor:
+    """t * mean(tau_i) for one tensor, from the sum of its k deltas and the sum of their unit vectors:
+    |sum u_i|^2 = k + 2 sum_{i<j} cos_ij, so the mean pairwise cosine needs no delta kept in memory."""
+    if directions is None:  # no fine-tune moved this tensor (frozen): it stays theta_0, whatever t
+        return torch.zeros_like(total)
+    if still:
+        raise ValueError(f"Model Stock: tensor {name!r} of ingredient {still[0]} equals the pretrained start while "
+                         "other fine-tunes moved it, so the angle between their deltas is undefined. Leave that "
+                         "ingredient out of the sweep, or drop model_stock from soup.methods")
+    cosine = ((torch.linalg.vector_norm(directions) ** 2 - k) / (k * (k - 1))).item()
+    t = stock_ratio(cosine, k)
+    if stock is not None:
+        stock[name] = (cosine, t)
+    return total * (t / k)
 
 
 def apply(theta0: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor], scale: float,

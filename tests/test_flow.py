@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,7 +15,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
 from flows.model_soup import TooFewIngredients, model_soup
-from model_soups.config import StorageConfig, parse_config
+from model_soups.config import ConfigError, StorageConfig, parse_config
 from model_soups.soups import SOUP_METHODS
 from model_soups.storage import Store
 from tests.conftest import small_digits
@@ -90,7 +91,7 @@ def test_every_method_is_reported_on_test_and_every_ood_split(first_run):
 def test_every_task_vector_soup_publishes_the_candidate_it_chose_as_scored(first_run):
     _, paths = first_run
     manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
-    tasks = {m: s for m, s in manifest["soups"].items() if s["task"]}
+    tasks = {m: s for m, s in manifest["soups"].items() if s["task"] and s["task"]["combine"] != "model_stock"}
     assert set(tasks) == {"wiseft", "wiseft_best", "task_arithmetic", "ties", "dare", "dare_ties"}
     assert manifest["soups"]["wiseft"]["ingredients"] == manifest["soups"]["greedy"]["ingredients"]
     for method, soup in tasks.items():
@@ -98,6 +99,18 @@ def test_every_task_vector_soup_publishes_the_candidate_it_chose_as_scored(first
         (chosen,) = [t for t in record["trajectory"] if t["chosen"]]
         assert record["metrics"]["val"]["accuracy"] == chosen["soup_val"] == max(t["soup_val"] for t in record["trajectory"])
         assert {k: chosen[k] for k in record["task"]} == record["task"], method
+
+
+def test_model_stock_is_cooked_from_every_fine_tune_without_a_val_evaluation(first_run):
+    _, paths = first_run
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    soup = manifest["soups"]["model_stock"]
+    assert soup["task"] == {"combine": "model_stock", "scale": 1.0} and soup["candidate_evaluations"] == 0
+    assert len(soup["ingredients"]) == len(manifest["ingredients"])
+    ratios = [step["t"] for step in json.loads(local(soup["record"]).read_text())["trajectory"]]
+    assert ratios and all(0 <= t <= 1 for t in ratios)
+    report = (local(paths["run"]) / "report.md").read_text()
+    assert f"t {np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), no val" in report
 
 
 def test_greedy_soup_val_accuracy_is_at_least_the_best_individual(first_run):
@@ -235,10 +248,21 @@ def test_existing_checkpoint_joins_the_soup_without_training(first_run, root):
     assert set(results[results.model == existing[0]["id"]].split) == {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
 
 
-def test_too_few_surviving_ingredients_fails_the_run(first_run):
+def test_too_few_surviving_ingredients_fails_the_run(first_run, tmp_path):
+    config, _ = first_run
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")  # planned as a fifth ingredient, left out when it is read
+    data = config.model_dump(mode="json")
+    data["sweep"]["checkpoints"] = [f"file://{broken}"]
+    data["execution"]["min_ingredients"] = 5
+    with pytest.raises(TooFewIngredients, match="only 4 ingredients survived, execution.min_ingredients is 5"):
+        model_soup(config=parse_config(data))
+
+
+def test_a_sweep_that_plans_fewer_ingredients_than_the_run_needs_is_refused_before_training(first_run):
     config, _ = first_run
     strict = config.model_copy(update={"execution": config.execution.model_copy(update={"min_ingredients": 5})})
-    with pytest.raises(TooFewIngredients, match="only 4 ingredients survived, execution.min_ingredients is 5"):
+    with pytest.raises(ConfigError, match=r"the sweep plans 4 ingredient\(s\), but execution.min_ingredients is 5"):
         model_soup(config=strict)
 
 

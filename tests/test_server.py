@@ -150,7 +150,7 @@ def test_a_soup_run_from_the_cli_shows_up_in_make_ui(tmp_path):
     checkout.mkdir()
     (checkout / "prefect.yaml").write_text("name: stand-in for the checkout\n")
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(small_digits(f"file://{tmp_path}/store", experiment="home", n=1)))
+    config_file.write_text(yaml.safe_dump(small_digits(f"file://{tmp_path}/store", experiment="home", n=2)))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL",
                                                             "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
     cli = (f"import sys; from pathlib import Path; import flows.cli as cli; cli.CHECKOUT = Path({str(checkout)!r}); "
