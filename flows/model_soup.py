@@ -17,7 +17,7 @@ from tasks.cooking import cook_soup
 from tasks.evaluation import evaluate
 from tasks.ingredients import fan_out, prepare
 from tasks.publishing import publish
-from tasks.sweep import soup_aware
+from tasks.sweep import soup_aware, stop_early
 
 # Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
 THREADS = 32
@@ -59,16 +59,19 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     def start_evaluations(meta: IngredientRecord) -> None:
         evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
 
+    def val_of(meta: IngredientRecord) -> float:
+        if meta.id not in evaluating:
+            start_evaluations(meta)
+        return evaluating[meta.id][splits.index("val")].result().accuracy
+
     # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
     ready = start_evaluations if config.execution.pipeline else lambda meta: None
-    metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
+    stop = None
+    if config.sweep.stop is not None:  # rounds, until the greedy soup stops gaining
+        metas, failed, stop = stop_early(config, pretrained, specs, THREADS - RESERVED, ready, val_of)
+    else:
+        metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
     if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
-
-        def val_of(meta: IngredientRecord) -> float:
-            if meta.id not in evaluating:
-                start_evaluations(meta)
-            return evaluating[meta.id][splits.index("val")].result().accuracy
-
         more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
         metas, failed = metas + more, failed + left_out
     reused = sum(1 for m in metas if m.reused)
@@ -91,7 +94,7 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
             for m in config.soup.methods if m not in first}
     soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id)
+    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id, stop)
     if failed:
         logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
     logger.info(f"run folder {paths['run']}")

@@ -110,6 +110,17 @@ class Range(Strict):
         return self
 
 
+class StopRule(Strict):
+    """Fine-tune in rounds and stop once the greedy soup stops gaining (a random or grid search, in sweep order)."""
+
+    first: int = Field(4, ge=2, description="fine-tunes of the first round")
+    batch: int = Field(2, ge=1, description="fine-tunes of every later round")
+    patience: int = Field(2, ge=1, description="stop after this many rounds in a row that each raised the greedy "
+                          "soup's val accuracy by less than min_gain")
+    min_gain: float = Field(0.001, ge=0, le=1, description="the rise in the greedy soup's val accuracy (a fraction: "
+                            "0.001 is 0.1 points) below which a round counts as no gain")
+
+
 class SearchSpace(Strict):
     strategy: Literal["grid", "random", "soup-aware"] = Field(
         "random", description="grid: every combination; random: n samples; soup-aware: n fine-tunes in rounds, each "
@@ -129,6 +140,15 @@ class SearchSpace(Strict):
     checkpoints: list[str] = Field(
         default_factory=list, description="existing ingredient checkpoints (fsspec URLs) to add to the soup"
     )
+    stop: StopRule | None = Field(None, description="fine-tune in rounds and stop when the greedy soup stops gaining "
+                                  "on val (null: every planned fine-tune)")
+
+    @model_validator(mode="after")
+    def _stop_needs_a_planned_sweep(self) -> "SearchSpace":
+        if self.stop is not None and self.strategy == "soup-aware":
+            raise ValueError("sweep.stop: a soup-aware sweep plans its own rounds up to sweep.n; stopping early is for "
+                             "strategy random or grid (set sweep.stop to null, or change sweep.strategy)")
+        return self
 
 
 class SoupCommon(Strict):

@@ -17,7 +17,7 @@ from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
 from model_soups.recipes import Recipe
 from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, Manifest, ManifestIngredient,
-                                 ManifestSoup, PretrainedRecord, SoupRecord)
+                                 ManifestSoup, PretrainedRecord, SoupRecord, SweepStop)
 from model_soups.storage import RunFolder, Store
 from model_soups.train import versions
 
@@ -42,7 +42,7 @@ def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecor
 
 def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
             failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-            run_id: str, log: Callable[[str], None]) -> dict[str, str]:
+            run_id: str, log: Callable[[str], None], stop: SweepStop | None = None) -> dict[str, str]:
     store, layout = open_storage(config)
     run = layout.run(run_id)
     val_accuracy = val_accuracies(evaluations)
@@ -73,7 +73,7 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
         soups={r.method: ManifestSoup(ingredients=r.ingredients, checkpoint=r.checkpoint, sha256=r.sha256,
                                       record=layout.soup_record(r.key), weights=r.weights, batchnorm=r.batchnorm,
                                       candidate_evaluations=r.candidate_evaluations, task=r.task) for r in soup_records},
-        greedy_trajectory=greedy.trajectory if greedy else [],
+        greedy_trajectory=greedy.trajectory if greedy else [], sweep_stop=stop,
         files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
         config=config.model_dump(mode="json"), versions=versions(),
     ).write(store, run.manifest)

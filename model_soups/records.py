@@ -171,6 +171,31 @@ class SweepRound(Record):
         return all(t.value is not None for t in self.trials)
 
 
+class StopRound(BaseModel):
+    """One round of a sweep that stops when the soup stops gaining (sweep.stop)."""
+
+    index: int
+    fine_tunes: list[str]  # the ingredients launched in this round
+    soup: list[str]  # the greedy soup of every completed ingredient so far
+    soup_val: float
+    gain: float  # soup_val minus the round before's (the first round: its soup_val)
+
+
+class SweepStop(BaseModel):
+    """Where a sweep with sweep.stop ended: its rounds, and how many of the planned fine-tunes it ran."""
+
+    planned: int
+    rounds: list[StopRound]
+
+    @property
+    def fine_tuned(self) -> int:
+        return sum(len(r.fine_tunes) for r in self.rounds)
+
+    @property
+    def saved(self) -> int:
+        return self.planned - self.fine_tuned
+
+
 class FailedIngredient(BaseModel):
     id: str
     status: str
@@ -214,6 +239,7 @@ class Manifest(Record):
     best_individual: str
     soups: dict[str, ManifestSoup]
     greedy_trajectory: list[dict[str, Any]]
+    sweep_stop: SweepStop | None = None
     files: dict[str, str]
     config: dict[str, Any]
     versions: dict[str, str]

@@ -239,6 +239,18 @@ def ingredients_table(results: pd.DataFrame) -> pd.DataFrame:
 ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kept val accuracy."
 
 
+def stop_summary(stop: dict[str, Any] | None) -> str:
+    """How far a sweep with sweep.stop went, and what it saved."""
+    if not stop:
+        return ""
+    rounds = stop["rounds"]
+    ran = sum(len(r["fine_tunes"]) for r in rounds)
+    if ran == stop["planned"]:
+        return f" The sweep ran all {ran} planned fine-tunes in {len(rounds)} rounds: the greedy soup kept gaining."
+    return (f" The sweep stopped after {len(rounds)} rounds, when the greedy soup stopped gaining on val: {ran} of "
+            f"{stop['planned']} planned fine-tunes, **{stop['planned'] - ran} saved**.")
+
+
 def what_happened(results: pd.DataFrame, trajectory: list[dict[str, Any]]) -> str:
     """The val set's size and resolution, and what the greedy soup did, in words."""
     val = results[results.split == "val"]
@@ -285,7 +297,7 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
         ("Summary", f"Experiment `{manifest['experiment']}`, run `{manifest['run_id']}`: {len(manifest['ingredients'])} "
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
-                    f"`ood:*` did not. {what_happened(results, trajectory)}"),
+                    f"`ood:*` did not. {what_happened(results, trajectory)}{stop_summary(manifest.get('sweep_stop'))}"),
         ("Methods", markdown_table(methods_table(results, manifest.get("soups"), trajectories))),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),

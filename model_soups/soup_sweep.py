@@ -35,7 +35,7 @@ optuna.logging.set_verbosity(logging.WARNING)
 
 def sweep_key(config: RunConfig, recipe: Recipe, fingerprint: str) -> str:
     """A sweep is its search space, sizes and seed, over one recipe and pretrained start."""
-    return stable_hash({"sweep": config.sweep.model_dump(exclude={"checkpoints"}), "recipe": recipe.describe(),
+    return stable_hash({"sweep": config.sweep.model_dump(exclude={"checkpoints", "stop"}), "recipe": recipe.describe(),
                         "fingerprint": fingerprint})
 
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model_soups.config import ConfigError, Range, SearchSpace, describe_validation_error
+from model_soups.config import ConfigError, Range, SearchSpace, StopRule, describe_validation_error
 from model_soups.recipes import Recipe, stable_hash
+from model_soups.records import StopRound
 from model_soups.storage import as_url
 
 
@@ -93,3 +94,16 @@ def _draw(values: list[Any] | Range, rng: random.Random) -> Any:
 
 def short(value: float) -> float:
     return float(f"{value:.3g}")  # short, stable values make readable ids and reports
+
+
+def stop_rounds(specs: list[IngredientSpec], rule: StopRule) -> list[list[IngredientSpec]]:
+    """The planned ingredients in sweep order, cut into rounds: `rule.first`, then `rule.batch` at a time."""
+    cuts = [0, *range(min(rule.first, len(specs)), len(specs), rule.batch), len(specs)]
+    return [specs[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def stalled(rounds: list[StopRound], rule: StopRule) -> bool:
+    """The last `rule.patience` rounds (the first never counts) each raised the greedy soup's val accuracy by less
+    than `rule.min_gain`: the sweep stops."""
+    gains = [r.gain for r in rounds[1:]]
+    return len(gains) >= rule.patience and all(gain < rule.min_gain for gain in gains[-rule.patience:])

@@ -9,17 +9,19 @@ from model_soups import publishing, report
 from model_soups.config import RunConfig
 from model_soups.ingredients import open_storage
 from model_soups.recipes import get_recipe
-from model_soups.records import EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord, SoupRecord
+from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord, SoupRecord,
+                                 SweepStop)
 from tasks import QUIET, artifact_key
 
 
 @task(name="publish", **QUIET)
 def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
-            evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str) -> dict[str, str]:
+            evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
+            stop: SweepStop | None = None) -> dict[str, str]:
     """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
     recipe = get_recipe(config.recipe.name, config.recipe.options)
     paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id,
-                               get_run_logger().info)
+                               get_run_logger().info, stop)
     store, _ = open_storage(config)
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
     create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),

@@ -1,4 +1,5 @@
-"""The soup-aware sweep's rounds as Prefect tasks: propose, fine-tune (`fan_out`), score; a table of the rounds."""
+"""Sweeps in rounds: the soup-aware sweep's (propose, fine-tune with `fan_out`, score) and a planned sweep that stops
+when the greedy soup stops gaining (sweep.stop); a table artifact of the rounds for each."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from model_soups import soup_sweep
+from model_soups import soup_sweep, sweep
 from model_soups.config import RunConfig
 from model_soups.cooking import greedy_gains
 from model_soups.ingredients import make_plan, open_storage
-from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord, SweepRound
+from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord, StopRound, SweepRound, SweepStop
+from model_soups.sweep import IngredientSpec
 from tasks import QUIET, artifact_key
+from tasks.cooking import cook_soup
 from tasks.ingredients import fan_out
 
 
@@ -84,3 +87,38 @@ def soup_aware(config: RunConfig, pretrained: PretrainedRecord, in_flight: int,
              "its val accuracy %": round(100 * r.soup_val, 2), f"best gain ({gain})": round(max(t.value for t in r.trials), 4),
              "proposals (id gain)": "; ".join(f"{t.id[:8]} {t.value:+.4f}" for t in r.trials)} for r in history])
     return metas, failed
+
+
+def stop_early(config: RunConfig, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
+               ready: Callable[[IngredientRecord], None],
+               val_of: Callable[[IngredientRecord], float]) -> tuple[list[IngredientRecord], list[FailedIngredient], SweepStop]:
+    """Fine-tune the planned sweep in rounds (sweep.stop). After each round the greedy soup of every completed
+    ingredient is cooked (a stored soup is reused, so a re-run resumes and stops where the first run did), and the
+    sweep stops once it has stopped gaining on val. Returns the completed ingredients, those left out, and the rounds."""
+    logger = get_run_logger()
+    rule = config.sweep.stop
+    metas: list[IngredientRecord] = []
+    failed: list[FailedIngredient] = []
+    rounds: list[StopRound] = []
+    for index, batch in enumerate(sweep.stop_rounds(specs, rule)):
+        joined, left_out = fan_out(config, pretrained, batch, in_flight, ready)
+        metas, failed = metas + joined, failed + left_out
+        members, soup_val = [], 0.0
+        if metas:  # only completed ingredients: a failed one never joins a soup
+            soup = cook_soup(config, pretrained, metas, {m.id: val_of(m) for m in metas}, "greedy")
+            members, soup_val = soup.ingredients, soup.metrics["val"].accuracy
+        gain = soup_val - (rounds[-1].soup_val if rounds else 0.0)
+        rounds.append(StopRound(index=index, fine_tunes=[s.id for s in batch], soup=members, soup_val=soup_val, gain=gain))
+        logger.info(f"stop round {index}: {len(batch)} fine-tunes ({len(left_out)} left out); greedy soup of "
+                    f"{len(members)} at val {soup_val:.4f} ({gain:+.4f})")
+        create_table_artifact(key=artifact_key(config, "sweep-stop"), description=(
+            f"sweep.stop: the greedy soup after each round of fine-tunes; the sweep stops after {rule.patience} rounds in "
+            f"a row that each gain less than {100 * rule.min_gain:g} val points"), table=[
+            {"round": r.index, "fine-tunes": len(r.fine_tunes), "greedy soup": len(r.soup),
+             "its val accuracy %": round(100 * r.soup_val, 2), "gain (points)": round(100 * r.gain, 2)} for r in rounds])
+        if sweep.stalled(rounds, rule):
+            break
+    stop = SweepStop(planned=len(specs), rounds=rounds)
+    logger.info(f"sweep.stop: {stop.fine_tuned} of {stop.planned} planned fine-tunes in {len(rounds)} rounds, "
+                f"{stop.saved} saved")
+    return metas, failed, stop
