@@ -1,9 +1,11 @@
 """A picture of the report artifact as a Prefect user sees it: a Prefect server on 127.0.0.1, a small demo run
 against it, then headless Chromium on the artifact's page.
 
-    .venv/bin/python infra/screenshot_report.py [out.png] [key=value ...]   (or: make screenshot)
+    .venv/bin/python infra/screenshot_report.py [out.png] [--artifact NAME] [key=value ...]   (or: make screenshot)
 
-key=value pairs are passed to `soup demo --set` (the demo runs 4 ingredients unless told otherwise).
+key=value pairs are passed to `soup demo --set` (the demo runs 4 ingredients unless told otherwise). --artifact
+names another of the run's artifacts than `report`: `results`, `finetune-progress`, `sweep-stop` (with a sweep.stop
+set), ...
 
 Needs Debian's chromium (`apt-get install chromium`). Everything it starts is stopped at the end, by PID.
 """
@@ -48,6 +50,7 @@ def stop(process: subprocess.Popen) -> None:
 def main(argv: list[str]) -> int:
     out = Path(next((a for a in argv if a.endswith(".png")), "report-artifact.png")).resolve()
     overrides = [a for a in argv if "=" in a]
+    artifact = argv[argv.index("--artifact") + 1] if "--artifact" in argv else "report"
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         print("screenshot: chromium is not installed; install it with `apt-get install chromium`", file=sys.stderr)
@@ -74,12 +77,12 @@ def main(argv: list[str]) -> int:
         for item in [f"storage.root=file://{work}/runs", "experiment=screenshot", "sweep.n=4", *overrides]:
             sets += ["--set", item]
         subprocess.run([sys.executable, "-m", "flows.cli", "demo", *sets], env=env, cwd=REPO, check=True)
-        artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["screenshot-report"]}},
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [f"screenshot-{artifact}"]}},
                                                                 "sort": "CREATED_DESC", "limit": 1}).json()
         page = f"{api.removesuffix('/api')}/artifacts/artifact/{artifacts[0]['id']}"
         subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'chromium'}", f"--screenshot={out}",
                         "--window-size=1400,4200", page], check=True, capture_output=True)
-        print(f"{out}: the report artifact at {page}")
+        print(f"{out}: the {artifact} artifact at {page}")
         return 0
     finally:
         stop(server)

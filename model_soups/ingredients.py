@@ -14,8 +14,8 @@ from model_soups.config import ConfigError, RunConfig
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
 from model_soups.recipes import Recipe, get_recipe
 from model_soups.records import FinetuneJob, IngredientRecord, PretrainedRecord, reuse_or_build
-from model_soups.storage import Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.soups import SOUP_METHODS
+from model_soups.storage import Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.sweep import IngredientSpec, expand
 
 Log = Callable[[str], None]

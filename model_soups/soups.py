@@ -276,9 +276,9 @@ def dare_ties(ctx: SoupContext) -> Soup:
 @soup_method("model_stock", color="#17becf", min_ingredients=2)
 def model_stock(ctx: SoupContext) -> Soup:
     """Model Stock (Jang et al., ECCV 2024): per tensor theta_0 + t * mean delta, t from the deltas' angle; no val."""
-    merge, stock = TaskMerge("model_stock"), {}
-    theta0 = task_vectors.start(ctx.store, ctx.pretrained, ACCUMULATE[ctx.options.accumulate], ctx.reference)
-    task_vectors.task_vector(ctx.store, theta0, ctx.ranked, merge, ACCUMULATE[ctx.options.accumulate], ctx.reference, stock)
+    merge, stock, accumulate = TaskMerge("model_stock"), {}, ACCUMULATE[ctx.options.accumulate]
+    theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
+    task_vectors.task_vector(ctx.store, theta0, ctx.ranked, merge, accumulate, ctx.reference, stock)
     trajectory = [{"tensor": name, "cosine": cosine, "t": t} for name, (cosine, t) in stock.items()]
     return Soup("model_stock", list(ctx.ranked), [1.0] * len(ctx.ranked), trajectory, merge)
 
