@@ -273,7 +273,7 @@ def dare_ties(ctx: SoupContext) -> Soup:
     return search(ctx, "dare_ties", ctx.ranked, [TaskMerge("ties", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
 
 
-@soup_method("model_stock", color="#17becf", min_ingredients=2)
+@soup_method("model_stock", color="#1b9e77", min_ingredients=2)
 def model_stock(ctx: SoupContext) -> Soup:
     """Model Stock (Jang et al., ECCV 2024): per tensor theta_0 + t * mean delta, t from the deltas' angle; no val."""
     merge, stock, accumulate = TaskMerge("model_stock"), {}, ACCUMULATE[ctx.options.accumulate]

@@ -112,10 +112,11 @@ def stop_early(config: RunConfig, pretrained: PretrainedRecord, specs: list[Ingr
         logger.info(f"stop round {index}: {len(batch)} fine-tunes ({len(left_out)} left out); greedy soup of "
                     f"{len(members)} at val {soup_val:.4f} ({gain:+.4f})")
         create_table_artifact(key=artifact_key(config, "sweep-stop"), description=(
-            f"sweep.stop: the greedy soup after each round of fine-tunes; the sweep stops after {rule.patience} rounds in "
-            f"a row that each gain less than {100 * rule.min_gain:g} val points"), table=[
-            {"round": r.index, "fine-tunes": len(r.fine_tunes), "greedy soup": len(r.soup),
-             "its val accuracy %": round(100 * r.soup_val, 2), "gain (points)": round(100 * r.gain, 2)} for r in rounds])
+            f"sweep.stop: the greedy soup after each round of fine-tunes; the sweep stops after {rule.patience} round(s) "
+            f"in a row that each gain less than {100 * rule.min_gain:g} val points (the first round never counts)"), table=[
+            {"round": r.index, "fine-tunes": len(r.fine_tunes), "greedy soup keeps": len(r.soup),
+             "its val accuracy %": round(100 * r.soup_val, 2), "gain (points)": round(100 * r.gain, 2) if r.index else ""}
+            for r in rounds])
         if sweep.stalled(rounds, rule):
             break
     stop = SweepStop(planned=len(specs), rounds=rounds)
