@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
+from model_soups.records import SweepStop  # noqa: E402
 from model_soups.soups import SOUP_METHODS  # noqa: E402
 from model_soups.storage import RunFolder, Store  # noqa: E402
 
@@ -240,15 +241,15 @@ ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kep
 
 
 def stop_summary(stop: dict[str, Any] | None) -> str:
-    """How far a sweep with sweep.stop went, and what it saved."""
+    """How far a sweep with sweep.stop went (the manifest's `sweep_stop`), and what it saved."""
     if not stop:
         return ""
-    rounds = stop["rounds"]
-    ran = sum(len(r["fine_tunes"]) for r in rounds)
-    if ran == stop["planned"]:
-        return f" The sweep ran all {ran} planned fine-tunes in {len(rounds)} rounds: the greedy soup kept gaining."
-    return (f" The sweep stopped after {len(rounds)} rounds, when the greedy soup stopped gaining on val: {ran} of "
-            f"{stop['planned']} planned fine-tunes, **{stop['planned'] - ran} saved**.")
+    stop = SweepStop.model_validate(stop)
+    if not stop.saved:
+        return (f" The sweep ran all {stop.planned} planned fine-tunes in {len(stop.rounds)} round(s): the greedy soup "
+                "never stopped gaining long enough to stop it.")
+    return (f" The sweep stopped after {len(stop.rounds)} rounds, when the greedy soup stopped gaining on val: "
+            f"{stop.fine_tuned} of {stop.planned} planned fine-tunes, **{stop.saved} saved**.")
 
 
 def what_happened(results: pd.DataFrame, trajectory: list[dict[str, Any]]) -> str:
