@@ -42,7 +42,7 @@ def free_port() -> int:
 def config(experiment: str, root: str, n: int, **execution) -> dict:
     return {"experiment": experiment, "storage": {"root": root}, "recipe": RECIPE,
             "sweep": {"n": n, "seed": 3, "params": {"epochs": [2], "max_steps": [20]}},
-            "soup": {"learned_steps": 5}, "execution": {"device_slots": 2, **execution}}
+            "soup": {"learned": {"steps": 5}}, "execution": {"device_slots": 2, **execution}}
 
 
 class PeakMemory:

@@ -327,7 +327,7 @@ def main() -> None:
                       "recipe": {"name": "text", "options": options},
                       "sweep": {"n": full_n, "seed": seed, "params": {
                           "epochs": [args.epochs], "lr": {"low": 1e-5, "high": 1e-4, "log": True}}},
-                      "soup": {"learned_steps": 50}}
+                      "soup": {"learned": {"steps": 50}}}
         run = run_flow(config)
         tables.append(evaluate_run(run))
         full_manifests.append(read_manifest(run))

@@ -164,8 +164,6 @@ class SoupCommon(Strict):
         "soup does it for each candidate too (one more forward pass over recompute_bn_examples each), so it scores "
         "candidates exactly as it publishes them")
     recompute_bn_examples: int = Field(2048, ge=1, description="the fixed train examples BatchNorm is re-estimated on")
-    learned_steps: int = Field(100, ge=0, description="optimizer steps of the learned soup")
-    learned_granularity: Literal["global", "per-layer"] = Field("per-layer", description="learned soup weights")
 
     @model_validator(mode="after")
     def _builds_on_a_cooked_soup(self) -> "SoupCommon":

@@ -140,7 +140,7 @@ def context(config: RunConfig, store: Store, recipe: Recipe, pretrained: Pretrai
     by_id = {i.id: i for i in ranked}
     ctx = soups.SoupContext(store, ranked, val_accuracy, reference, config.soup, scorer, scorer.model, scorer.val,
                             recipe.eval_batch_size, pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
-                            base=[by_id[i] for i in base.ingredients] if base else None)
+                            base=[by_id[i] for i in base.ingredients] if base else None, device=evaluation_device())
     return ctx, scorer
 
 

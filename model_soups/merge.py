@@ -7,9 +7,10 @@ from the first ingredient; a NaN or Inf rejects the checkpoint.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,21 @@ class Ingredient:
     id: str
     url: str
     sha256: str | None = None
+
+
+@contextmanager
+def on_local_disk(store: Store, ingredients: Sequence[Ingredient]) -> Iterator[tuple[Store, list[Ingredient]]]:
+    """The ingredients where reading them many times is cheap: a local store's own files, else copies in a temporary
+    folder (disk, not memory), named by ingredient and checked against their sha256 when first read."""
+    if store.protocol == "file":
+        yield store, list(ingredients)
+        return
+    with tempfile.TemporaryDirectory(prefix="soup-ingredients-") as folder:
+        local = store.on_disk(folder)
+        copies = [Ingredient(i.id, local.url(f"{i.id}.safetensors"), i.sha256) for i in ingredients]
+        for ingredient, copy in zip(ingredients, copies):
+            store.download(ingredient.url, local.path(copy.url))
+        yield local, copies
 
 
 def check_compatible(reference: Mapping[str, TensorInfo], candidate: Mapping[str, TensorInfo], url: str,

@@ -8,19 +8,20 @@ with options declares them as a pydantic model: they become its section of the c
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import groupby
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Container, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from scipy.special import log_softmax
-from torch.func import functional_call
 
 from model_soups import task_vectors
-from model_soups.merge import Ingredient, mean_of, weighted_average, weighted_sum
+from model_soups.merge import Ingredient, mean_of, on_local_disk, weighted_average, weighted_sum
 from model_soups.recipes import SplitData, logits_of
 from model_soups.storage import Store, TensorInfo
 from model_soups.task_vectors import TaskMerge
@@ -61,6 +62,7 @@ class SoupContext:
     eval_batch_size: int = 256
     pretrained: Ingredient | None = None
     base: list[Ingredient] | None = None
+    device: str = "cpu"  # where the learned soup fits its weights
 
 
 class MethodOptions(BaseModel):
@@ -186,33 +188,128 @@ def with_one_more(ctx: SoupContext, total: Mapping[str, torch.Tensor], size: int
     return candidate, ctx.score(average, size + 1)
 
 
-@soup_method("learned", color="#9467bd")
+class LearnedOptions(MethodOptions):
+    steps: int = Field(100, ge=0, description="Adam steps, each on one batch of val examples")
+    granularity: Literal["global", "per-layer"] = Field("per-layer", description="one softmax of mixing weights per "
+                                                        "tensor, or one for the whole model")
+    models_per_step: int = Field(4, ge=1, description="ingredients whose weights one step updates, drawn at random "
+                                 "(MEHL-Soup's batch of models); the others keep theirs. N or more: all, every step")
+    lr: float = Field(0.05, gt=0, description="Adam's learning rate on the weights' logits")
+
+
+@soup_method("learned", color="#9467bd", options=LearnedOptions)
 def learned_soup(ctx: SoupContext) -> Soup:
-    """Mixing weights (softmax of logits, global or one set per tensor) fitted on val by gradient descent."""
-    loaded = [weighted_sum(ctx.store, [i], None, torch.float32, ctx.reference) for i in ctx.ranked]
-    stacks = {name: torch.stack([state[name] for state in loaded]) for name in loaded[0] if loaded[0][name].is_floating_point()}
-    fixed = {name: value for name, value in loaded[0].items() if name not in stacks}
-    del loaded
-    rows = {name: (i if ctx.options.learned_granularity == "per-layer" else 0) for i, name in enumerate(stacks)}
-    alpha = torch.zeros(max(rows.values()) + 1, len(ctx.ranked), requires_grad=True)
-    optimizer = torch.optim.Adam([alpha], lr=0.05)
-    parameters = dict(ctx.model.named_parameters())
-    generator = torch.Generator().manual_seed(0)
-    ctx.model.eval()
-    for _ in range(ctx.options.learned_steps):
-        index = torch.randperm(len(ctx.val), generator=generator)[: ctx.eval_batch_size]
-        weights = torch.softmax(alpha, dim=1)
-        # BatchNorm statistics follow the current weights but take no gradient
-        state = {**mix(stacks, {name: weights[row] if name in parameters else weights[row].detach()
-                                for name, row in rows.items()}), **fixed}
-        logits = logits_of(functional_call(ctx.model, state, args=(), kwargs=ctx.val.batch(index)))
-        loss = F.cross_entropy(logits, ctx.val.labels[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    weights = torch.softmax(alpha.detach(), dim=1)
-    return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in stacks} | {
-        name: [1.0] + [0.0] * (len(ctx.ranked) - 1) for name in fixed})
+    """Mixing weights (a softmax per tensor, or one global) fitted on val by Adam, a few ingredients per step.
+
+    The gradient of the loss in the weight of ingredient i is a projection, w_i * <dL/dtheta, theta_i - theta> per
+    tensor (theta the mix), so no ingredient is held. Each step draws `models_per_step` ingredients (MEHL-Soup's
+    batch of models), runs one forward and backward pass of the mixed model, projects each tensor's gradient on
+    those ingredients' tensor as soon as backward has made it (then frees it), and updates the mix in place by
+    reading the drawn ingredients again. The others keep their logits, so their share of the mix only rescales.
+    Memory is the model plus one tensor's gradient and one read tensor, whatever N; with models_per_step >= N
+    every step is the full gradient.
+    """
+    o, n = ctx.options.learned, len(ctx.ranked)
+    model = ctx.model.to(ctx.device).eval()
+    state = model.state_dict(keep_vars=True)
+    tensors = {name: t for name, t in state.items() if t.is_floating_point()}
+    rows = {name: i if o.granularity == "per-layer" else 0 for i, name in enumerate(tensors)}
+    alpha = torch.zeros(max(rows.values(), default=0) + 1, n, dtype=torch.float64)
+    adam = SubsetAdam(alpha, o.lr)
+    batches, draws = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    labels = ctx.val.labels.to(ctx.device)
+    with on_local_disk(ctx.store, ctx.ranked) as (store, ranked):
+        with torch.no_grad():  # the uniform soup, each file read (and checked) once
+            for t in tensors.values():
+                t.zero_()
+            for j, name, tensor in stream(store, ranked, state, verify=True):
+                if name in tensors:
+                    tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=1 / n)
+                elif j == 0:  # integer buffers: the first ingredient's
+                    state[name].copy_(tensor)
+        for _ in range(o.steps):
+            step = list(range(n)) if o.models_per_step >= n else \
+                sorted(torch.randperm(n, generator=draws)[: o.models_per_step].tolist())
+            index = torch.randperm(len(ctx.val), generator=batches)[: ctx.eval_batch_size]
+            inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(index).items()}
+            with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step)) as (mixed, projected, readers):
+                readers.extend(files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step)
+                F.cross_entropy(logits_of(model(**inputs)), labels[index.to(ctx.device)]).backward()
+            before = torch.softmax(alpha, dim=1)
+            start = torch.logsumexp(alpha, dim=1)
+            # dL/dalpha_i = w_i * (<g, theta_i> - <g, theta>) per row
+            adam.step(step, before[:, step] * (projected - mixed[:, None]))
+            after = torch.softmax(alpha, dim=1)
+            # the ingredients left out keep their logits, so their terms only rescale, by `keep`: the mix is updated
+            # in place from the step's members alone (and rebuilt from them when they are all N)
+            keep = torch.zeros(len(alpha), dtype=torch.float64) if len(step) == n else \
+                torch.exp(start - torch.logsumexp(alpha, dim=1))
+            add = after[:, step] - keep[:, None] * before[:, step]
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    t.mul_(float(keep[rows[name]]))
+                for j, name, tensor in stream(store, [ranked[i] for i in step], tensors):
+                    tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=float(add[rows[name], j]))
+    weights = torch.softmax(alpha, dim=1)
+    return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in tensors} | {
+        name: [1.0] + [0.0] * (n - 1) for name, info in ctx.reference.items() if not info.dtype.is_floating_point})
+
+
+@contextmanager
+def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, n_readers: int):
+    """While a backward pass runs: <g, theta> (`mixed`, per row) and <g, tensor of reader j> (`projected`, per row
+    and reader) for each parameter's gradient g as soon as it is accumulated, which is then freed."""
+    mixed = torch.zeros(n_rows, dtype=torch.float64)
+    projected = torch.zeros(n_rows, n_readers, dtype=torch.float64)
+    readers: list = []
+
+    def project(name: str, parameter: torch.Tensor) -> None:
+        g, row = parameter.grad, rows[name]
+        mixed[row] += dot(g, parameter.detach())
+        for j, reader in enumerate(readers):
+            projected[row, j] += dot(g, reader.tensor(name).to(g.device))
+        parameter.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(partial(project, name)) for name, p in model.named_parameters()]
+    try:
+        yield mixed, projected, readers
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.vdot(a.flatten(), b.flatten()))
+
+
+def stream(store: Store, ingredients: Sequence[Ingredient], names: Container[str],
+           verify: bool = False) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """(index of the ingredient, name, tensor) for the tensors in `names`, one at a time, each file front to back
+    (and checked against its sha256 with `verify`)."""
+    for j, ingredient in enumerate(ingredients):
+        with store.open_checkpoint(ingredient.url, ingredient.sha256 if verify else None, sequential=True) as reader:
+            for name in reader.info:
+                if name in names:
+                    yield j, name, reader.tensor(name)
+
+
+class SubsetAdam:
+    """Adam on the columns of `param` given at each step, each with its own step count; the others do not move
+    (torch's Adam would still move them by their momentum). With every column at every step, it is torch's Adam."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+        self.count = torch.zeros(param.shape[1], dtype=torch.float64)
+
+    def step(self, columns: list[int], grad: torch.Tensor) -> None:
+        (b1, b2), cols = self.betas, torch.tensor(columns)
+        self.count[cols] += 1
+        self.m[:, cols] = b1 * self.m[:, cols] + (1 - b1) * grad
+        self.v[:, cols] = b2 * self.v[:, cols] + (1 - b2) * grad * grad
+        m_hat = self.m[:, cols] / (1 - b1 ** self.count[cols])
+        v_hat = self.v[:, cols] / (1 - b2 ** self.count[cols])
+        self.param[:, cols] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
 def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges: list[TaskMerge]) -> Soup:
@@ -291,11 +388,6 @@ def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, referenc
     theta0 = task_vectors.start(store, pretrained, accumulate, reference)
     tau = task_vectors.task_vector(store, theta0, soup.ingredients, soup.task, accumulate, reference)
     return task_vectors.apply(theta0, tau, soup.task.scale, reference)
-
-
-def mix(stacks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """sum_i w_i * theta_i per tensor, differentiable in w (stacks hold [N, *shape])."""
-    return {name: torch.tensordot(weights[name], stack, dims=1) for name, stack in stacks.items()}
 
 
 class _KeywordInputs(torch.nn.Module):

@@ -62,6 +62,6 @@ def small_digits(root: str, experiment: str = "t", n: int = 3, **sweep_params) -
         "storage": {"root": root},
         "recipe": {"name": "digits", "options": {"pretrain_examples": 2000, "pretrain_epochs": 2, "width": 8}},
         "sweep": {"n": n, "seed": 1, "params": {"epochs": [2], "max_steps": [12], **sweep_params}},
-        "soup": {"learned_steps": 5},
+        "soup": {"learned": {"steps": 5}},
         "execution": {"device_slots": 2, "retries": 1},
     }

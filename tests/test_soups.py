@@ -11,11 +11,12 @@ from torch.func import functional_call
 
 from model_soups.config import SoupOptions, StorageConfig
 from model_soups.evaluate import metrics, predict
-from model_soups.merge import Ingredient
+from model_soups.merge import Ingredient, weighted_average
 from model_soups.recipes import get_recipe
 from model_soups.recipes.digits import DigitsNet
-from model_soups.soups import SoupContext, ensemble_logits, greedy_ensemble, greedy_soup, learned_soup, mix, rank
+from model_soups.soups import SoupContext, ensemble_logits, greedy_ensemble, greedy_soup, learned_soup, rank
 from model_soups.storage import Store
+from tests.test_merge import any_store  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -98,35 +99,94 @@ def test_greedy_costs_exactly_n_minus_one_evaluations(store):
     assert len(calls) == len(values) - 1
 
 
-def test_learned_soup_mixing_with_one_hot_weights_reproduces_an_ingredient():
+def learned_setup(store, n, norm="group", steps=3, **learned):
+    """n fine-tune-like digits nets (a common start, moved apart) on `store`, and the learned soup's context."""
+    recipe = get_recipe("digits", {"width": 4, "norm": norm, "pretrain_examples": 1000, "pretrain_epochs": 1})
     torch.manual_seed(0)
-    models = [DigitsNet(width=4) for _ in range(3)]
-    states = [m.state_dict() for m in models]
-    stacks = {n: torch.stack([s[n].float() for s in states]) for n in states[0] if states[0][n].is_floating_point()}
-    fixed = {n: v for n, v in states[0].items() if n not in stacks}
-    mixed = {**mix(stacks, {n: torch.tensor([0.0, 0.0, 1.0]) for n in stacks}), **fixed}
-    x = torch.randn(5, 1, 8, 8)
-    models[2].eval()
-    probe = DigitsNet(width=4).eval()
-    assert torch.allclose(functional_call(probe, mixed, (x,)), models[2](x), atol=1e-6)
-
-
-def test_learned_soup_fits_weights_that_sum_to_one_per_tensor(store):
-    recipe = get_recipe("digits", {"width": 4, "pretrain_examples": 1000, "pretrain_epochs": 1})
-    torch.manual_seed(0)
-    states = [DigitsNet(width=4).state_dict() for _ in range(3)]
+    start = DigitsNet(width=4, norm=norm).state_dict()
     ingredients = []
-    for i, state in enumerate(states):
+    for i in range(n):
+        state = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in start.items()}
         url = store.url(f"m{i}.safetensors")
         ingredients.append(Ingredient(f"m{i}", url, store.save_checkpoint(url, state)))
     with store.open_checkpoint(ingredients[0].url) as reader:
-        ctx = SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reader.info,
-                          SoupOptions(learned_steps=3), None, recipe.build_model(), recipe.load_split("val"))
+        reference = reader.info
+    options = SoupOptions(learned={"steps": steps, **learned})
+    model = recipe.build_model()
+    return SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reference, options, None, model,
+                       recipe.load_split("val"), eval_batch_size=64), recipe
+
+
+def stacked_learned_weights(ctx, steps, granularity="per-layer"):
+    """The learned soup as it was, in float64: every ingredient stacked in memory, the mix differentiated through
+    by autograd, torch's Adam."""
+    loaded = [ctx.store.load_checkpoint(i.url) for i in ctx.ranked]
+    stacks = {k: torch.stack([s[k].double() for s in loaded]) for k in loaded[0] if loaded[0][k].is_floating_point()}
+    fixed = {k: v for k, v in loaded[0].items() if k not in stacks}
+    rows = {k: i if granularity == "per-layer" else 0 for i, k in enumerate(stacks)}
+    alpha = torch.zeros(max(rows.values()) + 1, len(loaded), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([alpha], lr=0.05)
+    model = ctx.model.double().eval()
+    parameters = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        index = torch.randperm(len(ctx.val), generator=generator)[: ctx.eval_batch_size]
+        w = torch.softmax(alpha, dim=1)
+        state = {k: torch.tensordot(w[rows[k]] if k in parameters else w[rows[k]].detach(), stack, dims=1)
+                 for k, stack in stacks.items()} | fixed
+        inputs = {k: v.double() for k, v in ctx.val.batch(index).items()}
+        loss = torch.nn.functional.cross_entropy(functional_call(model, state, args=(), kwargs=inputs), ctx.val.labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.float()
+    w = torch.softmax(alpha.detach(), dim=1)
+    return {k: w[rows[k]].tolist() for k in stacks}
+
+
+@pytest.mark.parametrize("granularity", ["per-layer", "global"])
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_learned_soup_with_every_ingredient_per_step_is_the_full_gradient_of_the_stacked_soup(store, granularity, norm):
+    ctx, _ = learned_setup(store, 3, norm=norm, steps=6, granularity=granularity, models_per_step=3)
     soup = learned_soup(ctx)
+    expected = stacked_learned_weights(ctx, 6, granularity)
+    for name, weights in expected.items():
+        assert soup.weights[name] == pytest.approx(weights, abs=2e-5), name
+        assert weights != pytest.approx([1 / 3] * 3, abs=1e-3) or "running" in name or "num_batches" in name, name
+    assert soup.weights["head.weight"] != pytest.approx([1 / 3] * 3, abs=1e-3)  # it moved away from the uniform start
+
+
+def test_learned_soup_on_a_batch_of_models_keeps_its_mix_equal_to_the_weights_it_returns(any_store):
+    """Two of five ingredients per step: the mix updated in place is the weighted average of the weights returned,
+    the weights sum to one per tensor, and every ingredient was drawn at some step."""
+    ctx, recipe = learned_setup(any_store, 5, norm="batch", steps=8, models_per_step=2)
+    soup = learned_soup(ctx)
+    published = weighted_average(any_store, ctx.ranked, soup.weights, torch.float64, ctx.reference)
+    for name, value in ctx.model.state_dict().items():
+        assert torch.allclose(value.double(), published[name].double(), atol=1e-5), name
     for name, weights in soup.weights.items():
-        assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5, name
+        assert len(weights) == 5 and abs(sum(weights) - 1) < 1e-9, name
     head = soup.weights["head.weight"]
-    assert head != [1 / 3] * 3  # it moved away from the uniform start
+    assert all(w != pytest.approx(0.2, abs=1e-4) for w in head)  # each was drawn at least once and moved
+
+
+def test_learned_soup_of_zero_steps_is_the_uniform_soup(store):
+    ctx, _ = learned_setup(store, 3, steps=0)
+    soup = learned_soup(ctx)
+    assert all(w == pytest.approx([1 / 3] * 3) for name, w in soup.weights.items() if name != "num_batches_tracked")
+
+
+def test_learned_soup_reads_only_the_drawn_ingredients_at_each_step(store):
+    """Nothing is held across steps: the uniform start reads every ingredient once, then each step opens its
+    models_per_step ingredients twice (to project the gradient, then to update the mix), whatever N is."""
+    ctx, _ = learned_setup(store, 6, steps=4, models_per_step=2)
+    opened, open_checkpoint = [], store.open_checkpoint
+    store.open_checkpoint = lambda url, *args, **kwargs: opened.append(url) or open_checkpoint(url, *args, **kwargs)
+    learned_soup(ctx)
+    assert opened[:6] == [i.url for i in ctx.ranked]
+    steps = [opened[6 + 4 * s: 10 + 4 * s] for s in range(4)]
+    assert len(opened) == 6 + 4 * 4
+    assert all(step[:2] == step[2:] and len(set(step[:2])) == 2 for step in steps)
 
 
 def test_ensemble_from_stored_logits_equals_direct_forward_pass_ensemble(tmp_path):

@@ -117,7 +117,7 @@ def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
     fs = s3fs.S3FileSystem(**fs_env)
     config = {"experiment": "e2e", "storage": {"root": "s3://soup-bucket/soups"},
               "recipe": {"name": "digits", "options": {"pretrain_examples": 2000, "pretrain_epochs": 2, "width": 16}},
-              "sweep": {"n": 4, "seed": 1, "params": {"epochs": [30]}}, "soup": {"learned_steps": 5},
+              "sweep": {"n": 4, "seed": 1, "params": {"epochs": [30]}}, "soup": {"learned": {"steps": 5}},
               "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2, "evaluate_on": "finetune-worker"}}
     run = subprocess.Popen(["prefect", "deployment", "run", "model-soup/on-demand", "--params", json.dumps({"config": config}),
                             "--watch", "--watch-timeout", "500"], env=env, cwd=REPO, stdout=subprocess.PIPE,

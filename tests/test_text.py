@@ -48,7 +48,7 @@ def test_text_recipe_fine_tunes_minilm_and_makes_a_soup(prefect_server, tmp_path
         "storage": {"root": f"file://{tmp_path}/store"},
         "recipe": {"name": "text", "options": {**files, "max_length": 24, "val_fraction": 0.25}},
         "sweep": {"strategy": "grid", "params": {"lr": [5e-5, 1e-4], "max_steps": [3], "batch_size": [8]}},
-        "soup": {"learned_steps": 2},
+        "soup": {"learned": {"steps": 2}},
         "execution": {"device_slots": 2},
     })
     paths = model_soup(config=config)

@@ -158,6 +158,17 @@ class Store:
     def copy(self, source: str, target: str) -> None:
         self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
 
+    def download(self, url: str, path: str) -> None:
+        """Copy an object to a local file."""
+        try:
+            self.retrying("downloading", url, lambda: self.fs.get_file(self.path(url), path))
+        except FileNotFoundError:
+            raise StorageError(f"{url}: not found") from None
+
+    def on_disk(self, folder: str) -> "Store":
+        """A store rooted at a local folder, with this store's retry settings."""
+        return Store(self.config.model_copy(update={"root": as_url(folder), "endpoint_url": None, "key": None, "secret": None}))
+
     def browser_link(self, url: str, expires_s: int) -> str:
         """A link a browser can open: on S3 a presigned https URL that expires after `expires_s` (it names the
         access key id, never the secret); elsewhere the URL itself."""
