@@ -218,11 +218,12 @@ def learned_soup(ctx: SoupContext) -> Soup:
     adam = SubsetAdam(alpha, o.lr)
     batches, draws = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     labels = ctx.val.labels.to(ctx.device)
+    scratch = torch.empty(max(info.end - info.begin for info in ctx.reference.values()), dtype=torch.uint8)  # one read
     with on_local_disk(ctx.store, ctx.ranked) as (store, ranked):
         with torch.no_grad():  # the uniform soup, each file read (and checked) once
             for t in tensors.values():
                 t.zero_()
-            for j, name, tensor in stream(store, ranked, state, verify=True):
+            for j, name, tensor in stream(store, ranked, state, scratch, verify=True):
                 if name in tensors:
                     tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=1 / n)
                 elif j == 0:  # integer buffers: the first ingredient's
@@ -232,7 +233,7 @@ def learned_soup(ctx: SoupContext) -> Soup:
                 sorted(torch.randperm(n, generator=draws)[: o.models_per_step].tolist())
             index = torch.randperm(len(ctx.val), generator=batches)[: ctx.eval_batch_size]
             inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(index).items()}
-            with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step)) as (mixed, projected, readers):
+            with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step), scratch) as (mixed, projected, readers):
                 readers.extend(files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step)
                 F.cross_entropy(logits_of(model(**inputs)), labels[index.to(ctx.device)]).backward()
             before = torch.softmax(alpha, dim=1)
@@ -248,7 +249,7 @@ def learned_soup(ctx: SoupContext) -> Soup:
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.mul_(float(keep[rows[name]]))
-                for j, name, tensor in stream(store, [ranked[i] for i in step], tensors):
+                for j, name, tensor in stream(store, [ranked[i] for i in step], tensors, scratch):
                     tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=float(add[rows[name], j]))
     weights = torch.softmax(alpha, dim=1)
     return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in tensors} | {
@@ -256,9 +257,10 @@ def learned_soup(ctx: SoupContext) -> Soup:
 
 
 @contextmanager
-def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, n_readers: int):
+def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, n_readers: int, scratch: torch.Tensor):
     """While a backward pass runs: <g, theta> (`mixed`, per row) and <g, tensor of reader j> (`projected`, per row
-    and reader) for each parameter's gradient g as soon as it is accumulated, which is then freed."""
+    and reader, read into `scratch`) for each parameter's gradient g as soon as it is accumulated, which is then
+    freed."""
     mixed = torch.zeros(n_rows, dtype=torch.float64)
     projected = torch.zeros(n_rows, n_readers, dtype=torch.float64)
     readers: list = []
@@ -267,7 +269,7 @@ def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: i
         g, row = parameter.grad, rows[name]
         mixed[row] += dot(g, parameter.detach())
         for j, reader in enumerate(readers):
-            projected[row, j] += dot(g, reader.tensor(name).to(g.device))
+            projected[row, j] += dot(g, reader.tensor(name, scratch).to(g.device))
         parameter.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(partial(project, name)) for name, p in model.named_parameters()]
@@ -282,15 +284,15 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.vdot(a.flatten(), b.flatten()))
 
 
-def stream(store: Store, ingredients: Sequence[Ingredient], names: Container[str],
+def stream(store: Store, ingredients: Sequence[Ingredient], names: Container[str], scratch: torch.Tensor,
            verify: bool = False) -> Iterator[tuple[int, str, torch.Tensor]]:
     """(index of the ingredient, name, tensor) for the tensors in `names`, one at a time, each file front to back
-    (and checked against its sha256 with `verify`)."""
+    (and checked against its sha256 with `verify`); each tensor is a view of `scratch`, valid until the next."""
     for j, ingredient in enumerate(ingredients):
         with store.open_checkpoint(ingredient.url, ingredient.sha256 if verify else None, sequential=True) as reader:
             for name in reader.info:
                 if name in names:
-                    yield j, name, reader.tensor(name)
+                    yield j, name, reader.tensor(name, scratch)
 
 
 class SubsetAdam:
