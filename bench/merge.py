@@ -15,6 +15,8 @@ before it is timed); S3 figures go over HTTP to a moto server on 127.0.0.1.
 
     python bench/merge.py                          # the comparison table, local disk and S3
     python bench/merge.py --growth                 # peak memory of the streamed merge for N = 2..16, ~100 MB model
+    python bench/merge.py --learned                # peak memory of the learned soup for N = 4..32, against the code
+                                                   # of --before (a commit: its learned soup held all N in memory)
 """
 
 from __future__ import annotations
@@ -85,6 +87,39 @@ sys.stdin.readline()
 """
 
 
+LEARNED_CHILD = r"""
+import json, sys, time
+code, mode, root, width, steps, per_step, urls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7:]
+sys.path.insert(0, code)  # this checkout, or a worktree of an earlier commit
+import torch.nn.functional as F
+from model_soups.config import SoupOptions, StorageConfig
+from model_soups.merge import Ingredient
+from model_soups.recipes import get_recipe
+from model_soups.soups import SoupContext, learned_soup
+from model_soups.storage import Store
+assert learned_soup.__code__.co_filename.startswith(code), learned_soup.__code__.co_filename
+store = Store(StorageConfig(root=root))
+recipe = get_recipe("digits", {"width": width})
+ingredients = [Ingredient(f"m{i}", url) for i, url in enumerate(urls)]
+with store.open_checkpoint(urls[0]) as reader:
+    reference = reader.info
+if "learned" in SoupOptions.model_fields:
+    options = SoupOptions(learned={"steps": steps, "models_per_step": per_step})
+else:  # before: the common options learned_steps and learned_granularity
+    options = SoupOptions(learned_steps=steps)
+ctx = SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reference, options, None, recipe.build_model(),
+                  recipe.load_split("val"), eval_batch_size=32)
+print("ready", flush=True); sys.stdin.readline()
+started = time.time()
+if mode == "step":  # the floor: one forward and backward pass of the model on one val batch, nothing else
+    F.cross_entropy(ctx.model.eval()(**ctx.val.batch(slice(0, 32))), ctx.val.labels[:32]).backward()
+else:
+    learned_soup(ctx)
+print(json.dumps({"seconds": time.time() - started}), flush=True)
+sys.stdin.readline()
+"""
+
+
 def rss_anon_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -93,8 +128,12 @@ def rss_anon_kb(pid: int) -> int:
 
 
 def measure(method: str, store: Store, urls: list[str], out: str) -> dict:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, method, store.root, store.endpoint or "", out, *urls],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return measure_child([CHILD, method, store.root, store.endpoint or "", out, *urls])
+
+
+def measure_child(argv: list[str]) -> dict:
+    """Peak RssAnon of a child script (`python -c argv[0] argv[1:]`) between its "ready" and its result line."""
+    child = subprocess.Popen([sys.executable, "-c", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     baseline = peak = rss_anon_kb(child.pid)
     child.stdin.write("go\n")
@@ -247,14 +286,68 @@ def growth(args) -> None:
     Path("bench/results/merge_growth.json").write_text(json.dumps({"rows": rows, "change": change}, indent=2))
 
 
+def learned(args) -> None:
+    """The learned soup's peak private memory as N grows, this checkout against --before, on one digits net, next to
+    the floor any gradient step pays: one forward and backward pass of the model on one val batch."""
+    folder = args.dir or tempfile.mkdtemp(prefix="soup-learned-memory-")
+    store = Store(StorageConfig(root=f"file://{folder}"))
+    from model_soups.recipes.digits import DigitsNet
+
+    torch.manual_seed(0)
+    start = DigitsNet(args.width).state_dict()
+    urls = []
+    for i in range(max(args.n)):
+        url = store.url("learned", f"w{args.width}-ingredient-{i}.safetensors")
+        if not store.exists(url):
+            store.save_checkpoint(url, {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in start.items()})
+        urls.append(url)
+    model_mb = sum(v.numel() * v.element_size() for v in start.values()) / 2**20
+    before = Path(folder) / f"code-{args.before}"
+    if not before.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], check=True, capture_output=True)
+    rows = []
+    try:
+        for code, label in ((str(before), f"before ({args.before}): all N stacked"),
+                            (str(Path(__file__).resolve().parents[1]), f"now: {args.per_step} per step, streamed")):
+            for n in args.n:
+                argv = [str(args.width), str(args.steps), str(args.per_step), *urls[:n]]
+                result = measure_child([LEARNED_CHILD, code, "learned", store.root, *argv])
+                floor = measure_child([LEARNED_CHILD, code, "step", store.root, *argv])["private_mb"]
+                rows.append({"code": label, "n": n, **result, "one_step_mb": floor, "model_mb": model_mb})
+                print(f"{label}, N={n}: {result['private_mb']:.0f} MB added (one pass {floor:.0f}), "
+                      f"{result['seconds']:.1f} s", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(before)], capture_output=True)
+    print(f"\nLearned soup, {args.steps} steps of 32 val images, digits net of width {args.width} ({model_mb:.1f} MB fp32), "
+          "local disk: peak private memory (RssAnon) added in a fresh process, by the learned soup and by one forward "
+          "and backward pass of the model on one such batch (its activations and gradient: what any gradient step "
+          "pays)\n")
+    print("| code | N | seconds | added MB | added / model | one pass MB | beyond one pass / model |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['code']} | {r['n']} | {r['seconds']:.1f} | {r['private_mb']:.0f} | {r['private_mb'] / model_mb:.2f} | "
+              f"{r['one_step_mb']:.0f} | {(r['private_mb'] - r['one_step_mb']) / model_mb:.2f} |")
+    now = [r for r in rows if r["code"].startswith("now")]
+    print(f"\nnow, N={now[0]['n']} to N={now[-1]['n']}: at most {max(r['private_mb'] for r in now) / model_mb:.2f} model "
+          f"sizes added, {max(r['private_mb'] - r['one_step_mb'] for r in now) / model_mb:.2f} beyond one pass")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/learned_memory.json").write_text(json.dumps({"rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--growth", action="store_true", help="only the N = 2..16 memory-growth table")
+    parser.add_argument("--learned", action="store_true", help="only the learned soup's memory table, N = --n")
+    parser.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--width", type=int, default=384, help="digits net width of --learned (384: ~16 MB)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--per-step", type=int, default=4, help="soup.learned.models_per_step of --learned")
+    parser.add_argument("--before", default="eab220f", help="the commit --learned compares with")
     parser.add_argument("--small-mb", type=float, default=8)
     parser.add_argument("--large-mb", type=float, default=500)
     parser.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary folder)")
     args = parser.parse_args()
-    growth(args) if args.growth else comparison(args)
+    learned(args) if args.learned else growth(args) if args.growth else comparison(args)
 
 
 if __name__ == "__main__":
