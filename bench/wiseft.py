@@ -1,8 +1,8 @@
 """WiSE-FT along its whole alpha path, on every split: why it does or does not help under distribution shift.
 
-The pipeline chooses alpha on val only. This reads the stored runs of `bench/quality.py` (their manifests,
-soups and the pretrained start) and evaluates (1-alpha)*theta_0 + alpha*theta for alpha = 0, 0.1, ..., 1 on
-val, test and every shift, for the greedy soup and for the best fine-tune: if the start is less robust than
+The pipeline chooses alpha on val only. This reads the stored full-sweep runs of `bench/quality.py` (the first
+of each sweep seed: their manifests, soups and the pretrained start) and evaluates (1-alpha)*theta_0 +
+alpha*theta for alpha = 0, 0.1, ..., 1 on val, test and every shift, for the greedy soup and for the best fine-tune: if the start is less robust than
 the fine-tunes, no alpha below 1 can raise OOD accuracy.
 
     python bench/wiseft.py --root file:///tmp/q-digits [--experiment quality-digits]
@@ -51,14 +51,26 @@ def path(store: Store, manifest: dict, on: str) -> dict[float, dict[str, float]]
     return out
 
 
+def full_sweeps(manifests: list[dict]) -> list[dict]:
+    """The first run of each sweep seed among those that fine-tuned the whole sweep: not the first-n subsets of
+    `--n` nor the stopped sweeps of `--stop`, which bench/quality.py stores next to them."""
+    whole = [m for m in manifests if m["config"]["sweep"].get("stop") is None]
+    largest = max(len(m["ingredients"]) for m in whole)
+    first: dict[int, dict] = {}
+    for m in whole:
+        if len(m["ingredients"]) == largest:
+            first.setdefault(m["config"]["sweep"]["seed"], m)
+    return list(first.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="the --root a bench/quality.py run used")
     parser.add_argument("--experiment", default="quality-digits")
     args = parser.parse_args()
     store = Store(parse_config({"storage": {"root": args.root}}).storage)
-    runs = sorted(store.children(store.url(args.experiment, "runs")))
-    manifests = [store.read_json(RunFolder(run).manifest) for run in runs]
+    manifests = full_sweeps([store.read_json(RunFolder(run).manifest)
+                             for run in sorted(store.children(store.url(args.experiment, "runs")))])
     result = {"runs": [m["run_id"] for m in manifests], "command": " ".join(sys.argv)}
     for on in ("greedy", "best"):
         paths = [path(store, m, on) for m in manifests]
