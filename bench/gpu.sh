@@ -7,6 +7,8 @@
 #                           evaluation throughput, merge on the GPU; prints one table
 #   bench/gpu.sh pipeline   on the device machine (carry .whl): bench/pipeline.py --overlap on the demo config,
 #                           fine-tunes on the GPU (device_slots auto), barrier vs pipelined evaluation
+#   bench/gpu.sh demo-cpu   on the device machine (carry .whl): bench/demo_cpu.py, the demo on the host's CPU (no
+#                           GPU) under ATEN_CPU_CAPABILITY default, avx2 and avx512, which this project's own CPU lacks
 # GPU_PYTHON (3.12, the device image's) picks the wheels' Python. Each finishes in a few minutes;
 # bench/RESULTS.md holds the latest tables with the card they ran on.
 set -euo pipefail
@@ -74,5 +76,13 @@ PY
     python3 bench/pipeline.py --overlap --repeats 3 "${@:2}"
     if [ -n "${OUT:-}" ]; then cp bench/results/pipeline_overlap_*.json "$OUT"/; fi
     ;;
-  *) echo "usage: bench/gpu.sh prepare | run [--small] | pipeline [--repeats N]" >&2; exit 2 ;;
+  demo-cpu)
+    install_wheels
+    grep -m1 'model name' /proc/cpuinfo || true
+    export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
+      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 CUDA_VISIBLE_DEVICES=
+    python3 bench/demo_cpu.py --root /tmp/demo-cpu "${@:2}"
+    if [ -n "${OUT:-}" ]; then cp bench/results/demo_cpu.json "$OUT"/; fi
+    ;;
+  *) echo "usage: bench/gpu.sh prepare | run [--small] | pipeline [--repeats N] | demo-cpu [--set KEY=VALUE]" >&2; exit 2 ;;
 esac
