@@ -165,6 +165,16 @@ class SoupCommon(Strict):
         "candidates exactly as it publishes them")
     recompute_bn_examples: int = Field(2048, ge=1, description="the fixed train examples BatchNorm is re-estimated on")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_learned_options(cls, data: Any) -> Any:
+        renamed = {"learned_steps": "steps", "learned_granularity": "granularity"}
+        old = [name for name in renamed if isinstance(data, dict) and name in data]
+        if old:
+            raise ValueError(f"{', '.join(old)} moved into the learned soup's own section: write "
+                             f"learned: {{{', '.join(f'{renamed[n]}: ...' for n in old)}}} under soup")
+        return data
+
     @model_validator(mode="after")
     def _builds_on_a_cooked_soup(self) -> "SoupCommon":
         for name in {*self.methods, self.final}:

@@ -146,3 +146,9 @@ def test_unwritable_local_root_is_refused(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StorageError, match="is not writable"):
         Store(StorageConfig(root=f"file://{blocker}/root")).check_writable("exp")
+
+
+def test_the_learned_soups_old_options_are_refused_with_their_new_place():
+    with pytest.raises(ConfigError, match=r"learned_steps moved into the learned soup's own section: write "
+                                          r"learned: \{steps: \.\.\.\} under soup"):
+        parse_config({"soup": {"learned_steps": 5}})
