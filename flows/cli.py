@@ -1,8 +1,10 @@
 """The `soup` command: run the flow on a config, the demo, list an experiment's runs, rebuild a report, push a
 run's Hugging Face folder, inspect a checkpoint, print the default config.
 
-Prefect is imported only once a flow runs, after `prefect_defaults` has chosen its home: the checkout's
-`.prefect/` (the one `make ui` serves) unless PREFECT_HOME is set, with analytics off unless asked for.
+Only the standard library is imported at start, so `--version` and `--help` answer at once; each command imports
+what it needs (torch, pandas, the library). Prefect is imported only once a flow runs, after `prefect_defaults` has
+chosen its home: the checkout's `.prefect/` (the one `make ui` serves) unless PREFECT_HOME is set, with analytics
+off unless asked for.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from tqdm import tqdm
-
-from model_soups.config import ConfigError, RunConfig, StorageConfig, default_yaml, load_config
-from model_soups.storage import RunFolder, StorageError, Store, as_url
+if TYPE_CHECKING:
+    from model_soups.config import RunConfig
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,7 @@ def prefect_defaults(environ: dict[str, str], checkout: Path) -> None:
 def preflight(config: RunConfig) -> None:
     """Fail in seconds on a bad config or an unusable storage root, before any run starts."""
     from model_soups.ingredients import make_plan
+    from model_soups.storage import Store
 
     plan = make_plan(config)
     Store(config.storage).check_writable(config.experiment)
@@ -45,6 +46,8 @@ def preflight(config: RunConfig) -> None:
 def run(config: RunConfig) -> int:
     from flows.model_soup import model_soup
     from model_soups import report
+    from model_soups.config import StorageConfig
+    from model_soups.storage import Store
 
     preflight(config)
     paths = model_soup(config=config)
@@ -55,20 +58,55 @@ def run(config: RunConfig) -> int:
     return 0
 
 
-def report_command(run_url: str) -> int:
-    from model_soups.report import build_report
+def find_run(target: str, experiment: str | None, root: str | None) -> str:
+    """The URL of a published run folder, from its path or URL, or from a run id as `soup runs` prints it (under
+    `--experiment`, or the one experiment under the root that has it)."""
+    from model_soups.config import StorageConfig
+    from model_soups.storage import Layout, RunFolder, StorageError, Store, as_url
 
-    store = Store(StorageConfig(root=as_url(run_url)))
+    url = as_url(target)
+    store = Store(StorageConfig(root=url))
+    if store.exists(RunFolder(url).manifest):
+        return url
+    if store.is_file(url):
+        raise StorageError(f"{target} is a file, not a run folder: soup report takes a run folder (.../runs/<run_id>) "
+                           "or a run id from `soup runs <experiment>`; `soup inspect` describes a checkpoint")
+    if "/" in target or "://" in target:
+        raise StorageError(f"{target} is not a published run folder: it has no manifest.json. Give a run folder "
+                           "(.../<experiment>/runs/<run_id>) or a run id from `soup runs <experiment>`")
+    store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
+    experiments = [experiment] if experiment else [url.rsplit("/", 1)[1] for url in store.children(store.root)]
+    found = [run.url for run in (Layout(store, name).run(target) for name in experiments) if store.exists(run.manifest)]
+    if len(found) == 1:
+        return found[0]
+    where = f"experiment {experiment!r}" if experiment else "any experiment"
+    if not found:
+        raise StorageError(f"no published run {target!r} in {where} under {store.root}: `soup runs <experiment>` "
+                           "lists the run ids; give --root for another storage root")
+    raise StorageError(f"run id {target!r} is in {len(found)} experiments under {store.root}: "
+                       f"{', '.join(url.rsplit('/', 3)[1] for url in found)}; name one with --experiment")
+
+
+def report_command(target: str, experiment: str | None, root: str | None) -> int:
+    from model_soups.config import StorageConfig
+    from model_soups.report import build_report
+    from model_soups.storage import Store
+
+    store = Store(StorageConfig(root=find_run(target, experiment, root)))
     paths = build_report(store, store.root)
     print("\n".join(paths.values()))
     return 0
 
 
-def runs_command(experiment: str, root: str) -> int:
+def runs_command(experiment: str, root: str | None) -> int:
     """An experiment's published runs, oldest first, with what each final soup scored."""
-    from model_soups import report
+    import pandas as pd
 
-    store = Store(StorageConfig(root=as_url(root)))
+    from model_soups import report
+    from model_soups.config import StorageConfig
+    from model_soups.storage import RunFolder, Store, as_url
+
+    store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
     rows = []
     for url in store.children(store.url(experiment, "runs")):
         run = RunFolder(url)
@@ -91,6 +129,9 @@ def push_command(run_url: str, repo: str, private: bool) -> int:
     or HF_TOKEN. Not tested against the Hub: these machines cannot reach it."""
     from huggingface_hub import HfApi
 
+    from model_soups.config import StorageConfig
+    from model_soups.storage import RunFolder, StorageError, Store, as_url
+
     run = RunFolder(as_url(run_url))
     store = Store(StorageConfig(root=run.url))
     files = store.children(run.file("hf"))
@@ -108,6 +149,12 @@ def push_command(run_url: str, repo: str, private: bool) -> int:
 
 
 def inspect_command(url: str) -> int:
+    """Keys, dtypes, shapes and metadata on stdout; the sha256's progress bar on stderr, and only on a terminal."""
+    from tqdm import tqdm
+
+    from model_soups.config import StorageConfig
+    from model_soups.storage import Store, as_url
+
     url = as_url(url)
     store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
     with store.open_checkpoint(url) as reader:
@@ -115,7 +162,7 @@ def inspect_command(url: str) -> int:
             print(f"{name:60s} {str(info.dtype).replace('torch.', ''):9s} {tuple(info.shape)}")
         if reader.metadata:
             print(f"metadata: {reader.metadata}")
-    with tqdm(total=reader.size, unit="B", unit_scale=True, desc="sha256") as bar:
+    with tqdm(total=reader.size, unit="B", unit_scale=True, desc="sha256", file=sys.stderr, disable=None) as bar:
         sha = store.sha256(url, bar.update)
     print(f"{len(reader.info)} tensors, {reader.size} bytes, sha256 {sha}")
     return 0
@@ -132,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run_parser, demo_parser):
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set sweep.n=4 (repeatable)")
-    commands.add_parser("report", help="rebuild report.md/html from a run folder (path or URL)").add_argument("run_url")
+    report_parser = commands.add_parser("report", help="rebuild report.md/html and the figures of a published run")
+    report_parser.add_argument("run", help="a run folder (path or URL), or a run id as `soup runs` prints it")
+    report_parser.add_argument("--experiment", help="the run id's experiment (default: the one that has it)")
     commands.add_parser("inspect", help="keys, shapes, dtypes and sha256 of a checkpoint (path or URL)").add_argument(
         "checkpoint_url")
     runs_parser = commands.add_parser("runs", help="an experiment's published runs and their soups' accuracy")
     runs_parser.add_argument("experiment")
-    runs_parser.add_argument("--root", default=StorageConfig().root, help="the storage root (default: %(default)s)")
+    for sub in (runs_parser, report_parser):
+        sub.add_argument("--root", help="the storage root (default: storage.root's default, as in `soup config`)")
     push_parser = commands.add_parser("push", help="push a run's Hugging Face folder to the Hub (untested here)")
     push_parser.add_argument("run_url")
     push_parser.add_argument("--repo", required=True, help="the Hub repository, user/name")
@@ -147,18 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand, with its own usage, not the top level's
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    from model_soups.storage import StorageError
+    from model_soups.validation import ConfigError
+
     try:
         if args.command == "run":
+            from model_soups.config import load_config
+
             return run(load_config(args.config, args.overrides))
         if args.command == "demo":
+            from model_soups.config import load_config
+
             return run(load_config(None, args.overrides))
         if args.command == "report":
-            return report_command(args.run_url)
+            return report_command(args.run, args.experiment, args.root)
         if args.command == "push":
             return push_command(args.run_url, args.repo, args.private)
         if args.command == "runs":
             return runs_command(args.experiment, args.root)
         if args.command == "config":
+            from model_soups.config import default_yaml
+
             print(default_yaml(), end="")
             return 0
         return inspect_command(args.checkpoint_url)

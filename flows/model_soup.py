@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
-from model_soups.ingredients import fewest_ingredients, new_run_id
+from model_soups.ingredients import fewest_ingredients, new_run_id, start_as_model
 from model_soups.records import IngredientRecord
 from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -64,8 +64,12 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
             start_evaluations(meta)
         return evaluating[meta.id][splits.index("val")].result().accuracy
 
+    def evaluate_start() -> list[PrefectFuture]:  # the pretrained start: the report's reference point
+        return [evaluate.submit(config, start_as_model(pretrained), split) for split in splits]
+
     # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
     ready = start_evaluations if config.execution.pipeline else lambda meta: None
+    start = evaluate_start() if config.execution.pipeline else []
     stop = None
     if config.sweep.stop is not None:  # rounds, until the greedy soup stops gaining
         metas, failed, stop = stop_early(config, pretrained, specs, THREADS - RESERVED, ready, val_of)
@@ -83,6 +87,7 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     for meta in metas:
         if meta.id not in evaluating:
             start_evaluations(meta)
+    start = start or evaluate_start()
     evaluations = [future.result() for meta in metas for future in evaluating[meta.id]]  # sweep order, split order
     logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
     val_accuracy = val_accuracies(evaluations)
@@ -94,7 +99,8 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
             for m in config.soup.methods if m not in first}
     soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id, stop)
+    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id, [f.result() for f in start],
+                    stop)
     if failed:
         logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
     logger.info(f"run folder {paths['run']}")

@@ -37,12 +37,20 @@ class StorageConfig(Strict):
     )
     key: SecretStr | None = Field(None, description="access key id; better: AWS_ACCESS_KEY_ID")
     secret: SecretStr | None = Field(None, description="secret key; better: AWS_SECRET_ACCESS_KEY")
-    retries: int = Field(
-        3, ge=0, le=8, description="retries of a storage call whose endpoint does not answer, backing off 1, 2, 4... s"
-    )
+    outage_s: float = Field(
+        120, ge=0, le=3600, description="how long a storage call waits out an endpoint that does not answer, retrying "
+        "after 1, 2, 4 ... s (at most 15 s apart), each wait logged; past it the run fails, and a rerun resumes")
     link_expiry_s: int = Field(
         86400, ge=60, le=604800, description="how long the presigned S3 links in the run's Prefect artifacts stay valid"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "retries" in data:
+            raise ValueError("storage.retries is now a time, not a count: write outage_s (seconds an unanswering "
+                             "endpoint is waited out, default 120) under storage")
+        return data
 
     @field_validator("root")
     @classmethod
@@ -202,7 +210,9 @@ class ExecutionConfig(Strict):
     )
     retries: int = Field(1, ge=0, le=10, description="retries of a failed fine-tune before it is left out")
     timeout_s: float = Field(3600, gt=0, description="a fine-tune running longer is killed")
-    min_ingredients: int = Field(1, ge=1, description="fewer surviving ingredients than this fails the run")
+    min_ingredients: int = Field(
+        2, ge=1, description="a sweep that plans fewer ingredients is refused before training, and fewer surviving "
+        "fails the run; 1 lets a run publish a single model as its 'soup', on purpose")
     lease_s: float = Field(60, ge=3, description="a fine-tune whose lease is not renewed for this long is dead")
     fanout: Literal["local", "work-pool"] = Field(
         "local", description="local: fine-tunes on this machine's device slots; work-pool: as runs of a deployment"

@@ -65,7 +65,7 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
 
     record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
                             lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log, base),
-                            f"{method} soup {key}", log)
+                            f"{method} soup {key}")
     if record.reused:
         log(f"{method} soup {key}: reused")
     return record

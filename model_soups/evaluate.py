@@ -83,4 +83,4 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
         log(f"ingredient {meta.id} on {split}: accuracy {record.accuracy:.4f}")
         return record
 
-    return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}", log)
+    return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}")

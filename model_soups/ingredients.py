@@ -38,21 +38,38 @@ def make_plan(config: RunConfig) -> Plan:
     if config.soup.final not in config.soup.methods:
         raise ConfigError(f"soup.final: {config.soup.final!r} is not among soup.methods {config.soup.methods}")
     planned = len(specs) + (config.sweep.n if config.sweep.strategy == "soup-aware" else 0)
-    fewest, why = fewest_ingredients(config)
-    if planned < fewest:
-        raise ConfigError(f"the sweep plans {planned} ingredient(s), but {why}: give more (sweep.n, more values in "
-                          "sweep.params, or sweep.checkpoints), or lower that requirement")
+    unmet = [(why, lower) for needed, why, lower in ingredient_needs(config) if planned < needed]
+    if unmet:
+        grid = "sweep.strategy grid trains one ingredient per combination of sweep.params, and there are none. " if (
+            config.sweep.strategy == "grid" and not config.sweep.params) else ""
+        raise ConfigError(f"the sweep plans {planned} ingredient(s), but {' and '.join(why for why, _ in unmet)}. "
+                          f"{grid}Give more (sweep.n, more values in sweep.params, or sweep.checkpoints), or "
+                          f"{' and '.join(lower for _, lower in unmet)}")
     return Plan(recipe, fingerprint, specs, recipe.splits())
 
 
+def ingredient_needs(config: RunConfig) -> list[tuple[int, str, str]]:
+    """What sets the fewest ingredients a run may cook from: execution.min_ingredients (2 unless lowered on purpose)
+    and each cooked soup method's own minimum (Model Stock needs two fine-tunes); each with why and how to lower it."""
+    least = config.execution.min_ingredients
+    needs = [(least, f"execution.min_ingredients is {least}",
+              "set execution.min_ingredients: 1 to train a single model on purpose")]
+    return needs + [(SOUP_METHODS[name].min_ingredients,
+                     f"soup method {name} needs at least {SOUP_METHODS[name].min_ingredients} (soup.methods)",
+                     f"leave {name} out of soup.methods") for name in config.soup.methods]
+
+
 def fewest_ingredients(config: RunConfig) -> tuple[int, str]:
-    """The fewest ingredients a run may cook from, and why: execution.min_ingredients, or a cooked soup method's
-    own minimum (Model Stock needs two fine-tunes)."""
-    method = max(config.soup.methods, key=lambda name: SOUP_METHODS[name].min_ingredients)
-    needed = SOUP_METHODS[method].min_ingredients
-    if needed > config.execution.min_ingredients:
-        return needed, f"soup method {method} needs at least {needed} (soup.methods)"
-    return config.execution.min_ingredients, f"execution.min_ingredients is {config.execution.min_ingredients}"
+    """The fewest ingredients a run may cook from, and why."""
+    needed, why, _ = max(ingredient_needs(config), key=lambda need: need[0])
+    return needed, why
+
+
+def start_as_model(pretrained: PretrainedRecord) -> IngredientRecord:
+    """The pretrained start, to be evaluated like an ingredient: the report's reference point, where every
+    fine-tune began (the paper's zero-shot model)."""
+    return IngredientRecord(id=f"pretrained-{pretrained.fingerprint[:8]}", status="completed", checkpoint=pretrained.url,
+                            sha256=pretrained.sha256)
 
 
 def open_storage(config: RunConfig) -> tuple[Store, Layout]:
@@ -81,13 +98,13 @@ def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> Pre
         return record
 
     record = reuse_or_build(store, layout.pretrained_record(plan.fingerprint), PretrainedRecord,
-                            lambda r: verify_checkpoint(store, r.url, r.sha256), build, f"pretrained {url}", log)
+                            lambda r: verify_checkpoint(store, r.url, r.sha256), build, f"pretrained {url}")
     if record.reused:
         log(f"pretrained {url}: reused")
     return record
 
 
-def stored_ingredient(store: Store, layout: Layout, ingredient_id: str, log: Log) -> IngredientRecord | None:
+def stored_ingredient(store: Store, layout: Layout, ingredient_id: str) -> IngredientRecord | None:
     """The stored result of an ingredient if it is finished and its checkpoint verifies; else None."""
 
     failed_before = False
@@ -108,7 +125,7 @@ def stored_ingredient(store: Store, layout: Layout, ingredient_id: str, log: Log
             store.delete(layout.checkpoint(ingredient_id))
 
     return reuse_or_build(store, layout.meta(ingredient_id), IngredientRecord, verify, lambda: None,
-                          f"ingredient {ingredient_id}", log, discard)
+                          f"ingredient {ingredient_id}", discard)
 
 
 def has_result(store: Store, layout: Layout, ingredient_id: str) -> bool:
@@ -138,7 +155,7 @@ def train_ingredient(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
                       lease_s=config.execution.lease_s, storage=config.storage, recipe=config.recipe, pretrained=pretrained)
     deadline = time.time() + config.execution.timeout_s
     while True:
-        meta = stored_ingredient(store, layout, spec.id, log)
+        meta = stored_ingredient(store, layout, spec.id)
         if meta is not None:
             return meta
         try:
@@ -150,12 +167,12 @@ def train_ingredient(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
             log(f"ingredient {spec.id}: another process is training it; waiting for its result")
             time.sleep(min(5.0, config.execution.lease_s / 3))
         except FinetuneFailed as failure:
-            meta = stored_ingredient(store, layout, spec.id, log)  # it may have stored its result before dying
+            meta = stored_ingredient(store, layout, spec.id)  # it may have stored its result before dying
             if meta is not None:
                 return meta.model_copy(update={"reused": False})
             record_failure(store, layout, spec, failure.reason, slot["name"], log)
             raise
-    meta = stored_ingredient(store, layout, spec.id, log)
+    meta = stored_ingredient(store, layout, spec.id)
     if meta is None:
         raise RuntimeError(f"ingredient {spec.id}: the fine-tune process ended without a verified result")
     return meta.model_copy(update={"reused": False})

@@ -23,10 +23,11 @@ from model_soups.train import versions
 
 
 def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-                best: str) -> list[dict]:
-    """results.csv's rows: every ingredient (with its hyperparameters as `hp_*` columns), the best one again as
-    best_individual, and every soup."""
-    rows = []
+                best: str, start: list[EvaluationRecord]) -> list[dict]:
+    """results.csv's rows: the pretrained start, every ingredient (with its hyperparameters as `hp_*` columns), the
+    best one again as best_individual, and every soup."""
+    rows = [{"model": "pretrained", "kind": "pretrained", "split": e.split, "accuracy": e.accuracy, "nll": e.nll,
+             "ece": e.ece, "n": e.n, "n_ingredients": 0} for e in start]
     hparams = {m.id: {f"hp_{name}": value for name, value in m.hparams.items()} for m in metas}
     for e in evaluations:
         row = {"model": e.id, "split": e.split, "accuracy": e.accuracy, "nll": e.nll, "ece": e.ece, "n": e.n, "n_ingredients": 1,
@@ -42,12 +43,13 @@ def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecor
 
 def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
             failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-            run_id: str, log: Callable[[str], None], stop: SweepStop | None = None) -> dict[str, str]:
+            run_id: str, start: list[EvaluationRecord], log: Callable[[str], None],
+            stop: SweepStop | None = None) -> dict[str, str]:
     store, layout = open_storage(config)
     run = layout.run(run_id)
     val_accuracy = val_accuracies(evaluations)
     best = max(metas, key=lambda m: val_accuracy[m.id]).id
-    rows = result_rows(metas, evaluations, soup_records, best)
+    rows = result_rows(metas, evaluations, soup_records, best, start)
     if config.soup.ensembles:
         rows += ensemble_rows(store, layout, metas, recipe.splits(), val_accuracy, config.soup.rule)
     results = report.results_frame(rows)
@@ -89,9 +91,10 @@ def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict)
     is not a transformers model."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        if not recipe.export_pretrained(state, folder):
+        card_metadata = recipe.export_pretrained(state, folder)
+        if card_metadata is None:
             return None
-        card = report.model_card(store.read_json(run.manifest), report.read_results(store, run.url))
+        card = report.model_card(store.read_json(run.manifest), report.read_results(store, run.url), card_metadata)
         (folder / "README.md").write_text(card)
         for path in sorted(folder.rglob("*")):
             if path.is_file():

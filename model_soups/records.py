@@ -6,6 +6,7 @@ A stored record that no longer validates is treated like a missing one: the work
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,6 +15,7 @@ from model_soups.config import RecipeConfig, StorageConfig
 from model_soups.storage import StorageError, StorageUnavailable, Store
 
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease, or has just finished it
+logger = logging.getLogger(__name__)
 STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
 
 
@@ -38,7 +40,7 @@ R = TypeVar("R", bound=Record)
 
 
 def reuse_or_build(store: Store, url: str, kind: type[R], verify: Callable[[R], None], build: Callable[[], R],
-                   what: str, log: Callable[[str], None], discard: Callable[[], None] = lambda: None) -> R:
+                   what: str, discard: Callable[[], None] = lambda: None) -> R:
     """The record stored at `url` (marked `reused`) if it reads and `verify` passes; else `discard()` what is
     there and `build()`.
 
@@ -53,7 +55,7 @@ def reuse_or_build(store: Store, url: str, kind: type[R], verify: Callable[[R], 
         except StorageUnavailable:
             raise
         except StorageError as error:
-            log(f"{what}: {error}; making it again")
+            logger.warning(f"{what}: {error}; making it again")
             discard()
     return build()
 

@@ -12,22 +12,17 @@ import re
 from typing import Any
 
 import jinja2
-import matplotlib
+import numpy as np
+import pandas as pd
+from markdown_it import MarkdownIt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from markdown_it import MarkdownIt  # noqa: E402
-
-from model_soups.records import SweepStop  # noqa: E402
-from model_soups.soups import SOUP_METHODS  # noqa: E402
-from model_soups.storage import RunFolder, Store  # noqa: E402
+from model_soups.figures import (METHOD_KINDS, figure_cosines, figure_greedy, figure_id_vs_ood, figure_searches,
+                                 figure_splits)
+from model_soups.records import SweepStop
+from model_soups.soups import SOUP_METHODS
+from model_soups.storage import RunFolder, Store
 
 COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]
-COLORS = {"best_individual": "#444444", **{m.kind: m.color for m in SOUP_METHODS.values()},
-          "ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
-METHOD_KINDS = list(COLORS)
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -72,120 +67,6 @@ def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}" if value == 0 or abs(value) >= 0.1 else f"{value:.3g}"
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def figure_id_vs_ood(results: pd.DataFrame) -> bytes | None:
-    acc = results.pivot_table(index=["kind", "model"], columns="split", values="accuracy", aggfunc="first") * 100
-    ood = [c for c in acc.columns if str(c).startswith("ood:")]
-    if not ood or "test" not in acc.columns:
-        return None
-    acc["ood_mean"] = acc[ood].mean(axis=1)
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    if "ingredient" in acc.index.get_level_values(0):
-        ing = acc.loc["ingredient"]
-        axis.scatter(ing["test"], ing["ood_mean"], c="#999999", s=25, label="ingredients")
-    for kind in METHOD_KINDS:
-        if kind in acc.index.get_level_values(0):
-            row = acc.loc[kind].iloc[0]
-            axis.scatter(row["test"], row["ood_mean"], c=COLORS[kind], s=90, marker="*" if "soup" in kind else "D",
-                         label=kind.replace("_", " "), edgecolors="black", linewidths=0.5)
-    axis.set_xlabel("test accuracy (%)")
-    axis.set_ylabel(f"mean accuracy over {len(ood)} distribution shifts (%)")
-    axis.set_title("In distribution vs under distribution shift")
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    axis.grid(alpha=0.3)
-    return _png(figure)
-
-
-def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
-    if not trajectory:
-        return None
-    steps = np.arange(1, len(trajectory) + 1)
-    figure, axis = plt.subplots(figsize=(6.5, 3.8))
-    axis.plot(steps, [100 * t["individual_val"] for t in trajectory], "o", c="#999999", label="ingredient alone")
-    for accepted, color, label in ((True, "#2ca02c", "added"), (False, "#d62728", "rejected")):
-        points = [(s, 100 * t["soup_val"]) for s, t in zip(steps, trajectory) if t["accepted"] == accepted]
-        if points:
-            axis.scatter(*zip(*points), c=color, s=50, zorder=3, label=f"soup with it ({label})")
-    kept = np.maximum.accumulate([t["soup_val"] if t["accepted"] else -1 for t in trajectory]) * 100
-    axis.step(steps, kept, where="post", c="black", lw=1, label="greedy soup")
-    axis.set_xlabel("ingredient, in order of val accuracy")
-    axis.set_ylabel("val accuracy (%)")
-    axis.set_title("Greedy soup: each ingredient tried once")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    return _png(figure)
-
-
-def figure_searches(trajectories: dict[str, list[dict[str, Any]]]) -> bytes | None:
-    """Val accuracy of every candidate of each task-vector soup along its scale (alpha or lambda), one line per
-    TIES k or DARE p; the chosen one starred."""
-    if not trajectories:
-        return None
-    columns = min(3, len(trajectories))
-    rows = -(-len(trajectories) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for axis, (method, trajectory) in zip(axes.flat, trajectories.items()):
-        lines = pd.DataFrame(trajectory).assign(soup_val=lambda f: 100 * f.soup_val)
-        line_of = [c for c in ("top_k", "drop") if c in lines]
-        for value, group in lines.groupby(line_of) if line_of else [((), lines)]:
-            label = ", ".join(f"{'k' if c == 'top_k' else 'p'} {v:g}" for c, v in zip(line_of, np.atleast_1d(value)))
-            axis.plot(group["scale"], group["soup_val"], "o-", ms=3, lw=1, label=label or None)
-        best = lines[lines.chosen]
-        axis.scatter(best["scale"], best["soup_val"], marker="*", s=150, c=COLORS[SOUP_METHODS[method].kind],
-                     edgecolors="black", linewidths=0.5, zorder=3)
-        top = float(best["soup_val"].iloc[0])
-        axis.set_ylim(top - 4, top + 1)  # the neighbourhood of the choice; candidates far below leave the panel
-        axis.set_title(method.replace("_", " "), fontsize=10)
-        axis.set_xlabel("α" if method.startswith("wiseft") else "λ")
-        axis.grid(alpha=0.3)
-        if line_of:
-            axis.legend(fontsize=7)
-    for axis in axes[:, 0]:
-        axis.set_ylabel("val accuracy (%)")
-    for axis in list(axes.flat)[len(trajectories):]:
-        axis.set_visible(False)
-    figure.suptitle("Task-vector soups: val accuracy of each candidate near the chosen one (★)")
-    figure.tight_layout()
-    return _png(figure)
-
-
-def figure_splits(results: pd.DataFrame) -> bytes:
-    table = summary(results).drop(columns=["n_ingredients", "ood_mean"], errors="ignore")
-    figure, axis = plt.subplots(figsize=(8.5, 3.8))
-    width = 0.8 / max(1, len(table.index))
-    for i, kind in enumerate(table.index):
-        axis.bar(np.arange(len(table.columns)) + i * width, table.loc[kind], width, label=kind.replace("_", " "),
-                 color=COLORS.get(kind))
-    axis.set_xticks(np.arange(len(table.columns)) + width * (len(table.index) - 1) / 2, table.columns)
-    axis.set_ylim(0, 100)  # from zero: bar heights are then proportional to accuracy
-    axis.set_ylabel("accuracy (%)")
-    axis.set_title("Accuracy per split and method")
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    axis.grid(alpha=0.3, axis="y")
-    return _png(figure)
-
-
-def figure_cosines(ids: list[str], matrix: list[list[float]], labels: list[str] | None = None) -> bytes | None:
-    """The cosine matrix of the fine-tune deltas, ingredients in the order given (best val first)."""
-    if len(ids) < 2:
-        return None
-    figure, axis = plt.subplots(figsize=(6.5, 5.5))
-    image = axis.imshow(np.array(matrix), cmap="viridis", vmin=min(0.0, np.min(matrix)), vmax=1)
-    labels = labels or [i[:6] for i in ids]
-    axis.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
-    axis.set_yticks(range(len(ids)), labels, fontsize=7)
-    axis.set_xlabel("ingredient (id, learning rate), best val accuracy first")
-    figure.colorbar(image, label=r"$\cos(\theta_i - \theta_0,\ \theta_j - \theta_0)$")
-    axis.set_title("Cosine similarity of fine-tune deltas")
-    return _png(figure)
-
-
 def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list[str], list[list[float]], list[str]]:
     """The cosine matrix reordered by val accuracy, best first, with `id (lr)` labels."""
     by_id = {i["id"]: i for i in manifest["ingredients"]}
@@ -197,11 +78,12 @@ def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list
     return ids, matrix, labels
 
 
-def methods_table(results: pd.DataFrame, soups: dict[str, dict] | None = None,
-                  trajectories: dict[str, list[dict[str, Any]]] | None = None) -> pd.DataFrame:
-    """`summary` with the test split's NLL and ECE (calibration next to accuracy), and what each task-vector soup
-    chose on val (`soups`: the manifest's; `trajectories`: their records')."""
-    table = summary(results)
+def methods_details(results: pd.DataFrame, soups: dict[str, dict] | None = None,
+                    trajectories: dict[str, list[dict[str, Any]]] | None = None) -> pd.DataFrame:
+    """Next to `summary`'s accuracies, in a table of its own so that each fits a page: how many ingredients each
+    method averaged, the test split's NLL and ECE (calibration), and what each task-vector soup chose on val
+    (`soups`: the manifest's; `trajectories`: their records')."""
+    table = summary(results)[["n_ingredients"]]
     test = results[(results.kind != "ingredient") & (results.split == "test")].groupby("kind").first()
     for column in ("nll", "ece"):
         if column in test:
@@ -225,16 +107,20 @@ def chosen_merge(method: str, task: dict[str, Any], trajectory: list[dict[str, A
     return ", ".join(words)
 
 
-def ingredients_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per split of every ingredient, best val first, with the hyperparameters that vary in the sweep."""
+def ingredients_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Accuracy per split of every ingredient, and the hyperparameters that vary in the sweep as one line of text
+    per ingredient (it wraps, where a column each would run off the page); both best val first."""
     rows = results[results.kind == "ingredient"]
     table = rows.pivot_table(index="model", columns="split", values="accuracy") * 100
     splits = ["val", "test"] + sorted(c for c in table.columns if c not in ("val", "test"))
     table = table[[c for c in splits if c in table.columns]]
+    table = table.sort_values("val", ascending=False) if "val" in table else table
     hparams = whole_numbers(rows.groupby("model")[[c for c in rows.columns if c.startswith("hp_")]].first())
     varying = [c for c in hparams.columns if hparams[c].nunique(dropna=False) > 1]
-    table = table.join(hparams[varying].rename(columns=lambda c: c.removeprefix("hp_")))
-    return table.sort_values("val", ascending=False) if "val" in table else table
+    words = hparams.loc[table.index, varying].apply(lambda row: ", ".join(
+        f"{name.removeprefix('hp_')} {value:.3g}" if isinstance(value, float) else f"{name.removeprefix('hp_')} {value}"
+        for name, value in row.items() if not pd.isna(value)), axis=1)
+    return table, pd.DataFrame({"hyperparameters": words}, index=table.index)
 
 
 ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kept val accuracy."
@@ -281,11 +167,12 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
     trajectories = {method: store.read_json(soup["record"])["trajectory"] for method, soup in manifest["soups"].items()
                     if soup.get("task")}
     searches = {method: steps for method, steps in trajectories.items() if steps and "soup_val" in steps[0]}  # chosen on val
+    published = SOUP_METHODS[manifest["final"]].kind
     figures = {
-        "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results)),
+        "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results, published)),
         "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
         "searches": ("Task-vector soups: val accuracy of each candidate", figure_searches(searches)),
-        "splits": ("Accuracy per split and method", figure_splits(results)),
+        "splits": ("Accuracy per split and method", figure_splits(summary(results), published)),
         "cosine": ("Cosine similarity of fine-tune deltas", figure_cosines(*cosine_order(cosine, manifest))),
     }
     figures = {name: item for name, item in figures.items() if item[1] is not None}
@@ -294,15 +181,19 @@ def build_report(store: Store, run_url: str) -> dict[str, str]:
 
     failed = manifest.get("failed", [])
     final = manifest["final"]
+    ingredients = ingredients_tables(results)
     sections = [
         ("Summary", f"Experiment `{manifest['experiment']}`, run `{manifest['run_id']}`: {len(manifest['ingredients'])} "
                     f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
                     f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
                     f"`ood:*` did not. {what_happened(results, trajectory)}{stop_summary(manifest.get('sweep_stop'))}"),
-        ("Methods", markdown_table(methods_table(results, manifest.get("soups"), trajectories))),
+        ("Methods: accuracy (%)", markdown_table(summary(results).drop(columns="n_ingredients"))),
+        ("Methods: ingredients, calibration on test, choices on val",
+         markdown_table(methods_details(results, manifest.get("soups"), trajectories))),
         ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
-        ("Ingredients", markdown_table(ingredients_table(results))),
+        ("Ingredients: accuracy (%)", markdown_table(ingredients[0])),
+        ("Ingredients: hyperparameters that vary", markdown_table(ingredients[1])),
         ("Failed or diverged ingredients", "\n".join(f"- `{f['id']}`: {f['status']}: {f['reason']}" for f in failed) or "none"),
     ]
     markdown = ["# Model soup report", ""]
@@ -328,8 +219,9 @@ def embedded_markdown(store: Store, run_url: str) -> str:
     return re.sub(r"\]\(figures/([\w-]+)\.png\)", inline, store.read_bytes(run.file("report.md")).decode())
 
 
-def model_card(manifest: dict[str, Any], results: pd.DataFrame) -> str:
-    """README.md of the published Hugging Face folder, in the Hub's format: YAML metadata, then the soup."""
+def model_card(manifest: dict[str, Any], results: pd.DataFrame, metadata: dict[str, str]) -> str:
+    """README.md of the published Hugging Face folder, in the Hub's format: YAML metadata (`metadata` from the
+    recipe: base_model, license), then the soup."""
     final = manifest["final"]
     table = summary(results)
     soup = manifest["soups"][final]
@@ -337,10 +229,9 @@ def model_card(manifest: dict[str, Any], results: pd.DataFrame) -> str:
     val = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
     rows = [f"| `{i}` | {100 * val[i]:.2f} |" + (f" {weights[k]:.3g} |" if weights else " per tensor |")
             for k, i in enumerate(soup["ingredients"])]
-    base = manifest["recipe"]["options"].get("model") or "sentence-transformers/all-MiniLM-L6-v2"
     return "\n".join([
-        "---", "library_name: transformers", "pipeline_tag: text-classification", f"base_model: {base}",
-        "tags:", "- model-soup", f"- {final}-soup", "---", "",
+        "---", "library_name: transformers", "pipeline_tag: text-classification",
+        *(f"{name}: {value}" for name, value in metadata.items()), "tags:", "- model-soup", f"- {final}-soup", "---", "",
         f"# Model soup: {manifest['experiment']}, run {manifest['run_id']}", "",
         f"The {final} soup of {len(soup['ingredients'])} fine-tunes of one pretrained model: their weights averaged into "
         "one model, at no extra inference cost ([Wortsman et al., Model soups, ICML 2022](https://arxiv.org/abs/2203.05482)). "

@@ -131,6 +131,7 @@ class SoupMethod:
     options: type[MethodOptions] | None = None  # its section `soup.<name>` of the config
     builds_on: Callable[[SoupOptions], str] | None = None  # the method whose soup it needs (cooked first)
     min_ingredients: int = 1  # a run that cooks it with fewer is refused before any training
+    family: str = "weight average"  # the report groups methods by it
 
     @property
     def kind(self) -> str:
@@ -143,9 +144,10 @@ SOUP_METHODS: dict[str, SoupMethod] = {}
 
 
 def soup_method(name: str, color: str, options: type[MethodOptions] | None = None,
-                builds_on: Callable[[SoupOptions], str] | None = None, min_ingredients: int = 1):
+                builds_on: Callable[[SoupOptions], str] | None = None, min_ingredients: int = 1,
+                family: str = "weight average"):
     def register(cook: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
-        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on, min_ingredients)
+        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on, min_ingredients, family)
         return cook
     return register
 
@@ -333,39 +335,40 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
     return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
 
 
-@soup_method("wiseft", color="#ffd700", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on)
+@soup_method("wiseft", color="#ffd700", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on,
+             family="task-vector merge")
 def wiseft_soup(ctx: SoupContext) -> Soup:
     """WiSE-FT (Wortsman et al., CVPR 2022) of a soup: (1-alpha)*theta_0 + alpha*theta_soup, alpha chosen on val."""
     return search(ctx, "wiseft", ctx.base, [TaskMerge("mean", a) for a in ctx.options.wiseft.alpha])
 
 
-@soup_method("wiseft_best", color="#aec7e8", options=WiseFTBestOptions)
+@soup_method("wiseft_best", color="#aec7e8", options=WiseFTBestOptions, family="task-vector merge")
 def wiseft_best(ctx: SoupContext) -> Soup:
     """WiSE-FT of the best individual fine-tune."""
     return search(ctx, "wiseft_best", ctx.ranked[:1], [TaskMerge("mean", a) for a in ctx.options.wiseft_best.alpha])
 
 
-@soup_method("task_arithmetic", color="#bcbd22", options=TaskArithmeticOptions)
+@soup_method("task_arithmetic", color="#bcbd22", options=TaskArithmeticOptions, family="task-vector merge")
 def task_arithmetic(ctx: SoupContext) -> Soup:
     """Task arithmetic (Ilharco et al., ICLR 2023): theta_0 + lambda * sum of the deltas, lambda chosen on val."""
     return search(ctx, "task_arithmetic", ctx.ranked, [TaskMerge("sum", x) for x in ctx.options.task_arithmetic.scale])
 
 
-@soup_method("ties", color="#e377c2", options=TiesOptions)
+@soup_method("ties", color="#e377c2", options=TiesOptions, family="task-vector merge")
 def ties(ctx: SoupContext) -> Soup:
     """TIES-merging: trim each delta to its top-k%, elect signs, disjoint mean; k and lambda chosen on val."""
     o = ctx.options.ties
     return search(ctx, "ties", ctx.ranked, [TaskMerge("ties", x, top_k=k) for k in o.top_k for x in o.scale])
 
 
-@soup_method("dare", color="#8c564b", options=DareOptions)
+@soup_method("dare", color="#8c564b", options=DareOptions, family="task-vector merge")
 def dare(ctx: SoupContext) -> Soup:
     """DARE with the linear merge: drop and rescale every delta, then task arithmetic; p and lambda chosen on val."""
     o = ctx.options.dare
     return search(ctx, "dare", ctx.ranked, [TaskMerge("sum", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
 
 
-@soup_method("dare_ties", color="#ff7f0e", options=DareTiesOptions)
+@soup_method("dare_ties", color="#ff7f0e", options=DareTiesOptions, family="task-vector merge")
 def dare_ties(ctx: SoupContext) -> Soup:
     """DARE with the TIES merge: drop and rescale every delta, elect signs, disjoint mean."""
     o = ctx.options.dare_ties

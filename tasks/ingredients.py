@@ -64,7 +64,7 @@ def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
     log = get_run_logger().info
     store, layout = ingredients.open_storage(config)
     if not spec.checkpoint:
-        meta = ingredients.stored_ingredient(store, layout, spec.id, log)
+        meta = ingredients.stored_ingredient(store, layout, spec.id)
         if meta is not None:
             log(f"ingredient {spec.id}: reused ({meta.status})")
             return meta
@@ -84,7 +84,7 @@ def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
                 raise RuntimeError(f"flow run {run.name}: {message}")
     if not run.state.is_completed():
         raise RuntimeError(f"flow run {run.name} ended {run.state.type.value}: {run.state.message}")
-    meta = (ingredients.stored_ingredient(store, layout, spec.id, log) if not spec.checkpoint
+    meta = (ingredients.stored_ingredient(store, layout, spec.id) if not spec.checkpoint
             else IngredientRecord.read(store, layout.meta(spec.id)))
     if meta is None:
         raise RuntimeError(f"flow run {run.name} completed but ingredient {spec.id} has no verified result in storage")

@@ -17,10 +17,10 @@ from tasks import QUIET, artifact_key
 @task(name="publish", **QUIET)
 def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
             evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
-            stop: SweepStop | None = None) -> dict[str, str]:
+            start: list[EvaluationRecord], stop: SweepStop | None = None) -> dict[str, str]:
     """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
     recipe = get_recipe(config.recipe.name, config.recipe.options)
-    paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id,
+    paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id, start,
                                get_run_logger().info, stop)
     store, _ = open_storage(config)
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()

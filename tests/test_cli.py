@@ -61,6 +61,18 @@ def test_version_and_the_commented_default_config(capsys, tmp_path):
     assert load_config(tmp_path / "defaults.yaml") == RunConfig()  # the printed file is the default config
 
 
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_answer_without_importing_torch_pandas_or_prefect(flag):
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom flows.cli import main\ntry:\n    main([%r])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'prefect', 'pandas', 'model_soups.config') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe % flag], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"  # none of them imported
+    assert done.stdout.startswith("usage: soup" if flag == "--help" else "soup 0.")
+
+
 def test_the_cli_shares_the_checkouts_prefect_home_and_keeps_analytics_off(tmp_path):
     (tmp_path / "prefect.yaml").write_text("name: x\n")
     environ: dict[str, str] = {}

@@ -86,6 +86,17 @@ def test_empty_sweep_is_an_error_before_any_training():
         make_plan(parse_config({"sweep": {"strategy": "grid", "params": {"lr": []}}}))
 
 
+def test_a_sweep_of_one_is_refused_before_any_training_unless_asked_for():
+    grid = {"sweep": {"strategy": "grid"}, "soup": {"methods": ["greedy", "uniform"]}}  # a grid with no grid
+    with pytest.raises(ConfigError) as refused:
+        make_plan(parse_config(grid))
+    assert str(refused.value) == (
+        "the sweep plans 1 ingredient(s), but execution.min_ingredients is 2. sweep.strategy grid trains one ingredient "
+        "per combination of sweep.params, and there are none. Give more (sweep.n, more values in sweep.params, or "
+        "sweep.checkpoints), or set execution.min_ingredients: 1 to train a single model on purpose")
+    assert len(make_plan(parse_config({**grid, "execution": {"min_ingredients": 1}})).specs) == 1
+
+
 def test_unknown_hyperparameter_in_the_sweep_is_named():
     with pytest.raises(ConfigError, match=r"sweep\.params\.learning_rate: not a hyperparameter .*allowed: lr,"):
         make_plan(parse_config({"sweep": {"params": {"learning_rate": [0.1]}}}))
@@ -131,14 +142,56 @@ def test_text_recipe_with_unloadable_model_says_what_to_pass(tmp_path):
         recipe.build_model()
 
 
-def test_unreachable_s3_endpoint_fails_fast_naming_the_root(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_dead_s3_endpoint_is_named_before_any_word_on_credentials(monkeypatch, credentials):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if credentials:
+            monkeypatch.setenv(name, "k")
+        else:  # botocore asks for credentials before it connects: the dead endpoint is still what is named
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     store = Store(StorageConfig(root="s3://bucket/prefix", endpoint_url="http://127.0.0.1:9"))
-    with pytest.raises(StorageError, match=r"storage root s3://bucket/prefix \(endpoint http://127.0.0.1:9\) is not writable: "
-                       r"StorageUnavailable: .* failed \(EndpointConnectionError") as refused:
+    with pytest.raises(StorageError) as refused:
         store.check_writable("exp")
-    assert "times over" not in str(refused.value)  # the preflight does not retry: it answers in seconds
+    assert str(refused.value).startswith("storage root s3://bucket/prefix: the endpoint http://127.0.0.1:9 does not "
+                                         "answer (ConnectionRefusedError: ")
+    assert "credentials are checked once it answers" in str(refused.value) and "NoCredentials" not in str(refused.value)
+
+
+def test_an_outage_is_waited_out_with_backoff_and_each_wait_logged_then_refused_naming_the_setting(caplog):
+    from botocore.exceptions import EndpointConnectionError
+
+    store = Store(StorageConfig(root="file:///tmp", outage_s=4))
+    calls = []
+
+    def down_then_up(up_on: int):
+        def operation():
+            calls.append(1)
+            if len(calls) < up_on:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+            return "read"
+        return operation
+
+    with caplog.at_level("WARNING", logger="model_soups.storage"):
+        assert store.retrying("reading", "file:///tmp/x", down_then_up(3)) == "read"  # waits 1 s, then 2 s
+    assert len(calls) == 3 and [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "does not answer: reading file:///tmp/x failed (EndpointConnectionError); trying again in 2s" in caplog.text
+    calls.clear()
+    with pytest.raises(StorageError, match=r"failed 3 times over 3s .*storage.outage_s sets how long an outage is "
+                                           r"waited out"):
+        store.retrying("reading", "file:///tmp/x", down_then_up(10))  # a third wait (4 s) would pass outage_s
+
+
+def test_the_default_outage_budget_rides_out_90_seconds_with_bounded_waits():
+    from model_soups.storage.store import MAX_WAIT_S
+
+    waits, attempt = [], 1
+    while sum(waits) + min(2.0 ** (attempt - 1), MAX_WAIT_S) <= StorageConfig().outage_s:
+        waits.append(min(2.0 ** (attempt - 1), MAX_WAIT_S))
+        attempt += 1
+    assert sum(waits) >= 90 and max(waits) == MAX_WAIT_S <= 15
+    with pytest.raises(ConfigError, match=r"storage.retries is now a time, not a count: write outage_s"):
+        parse_config({"storage": {"retries": 3}})
 
 
 def test_unwritable_local_root_is_refused(tmp_path):

@@ -66,11 +66,12 @@ def test_each_fault_is_left_out_with_its_reason_in_meta_manifest_and_report(faul
     assert meta["id"] in report and REASONS[fault] in report
 
 
-def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_path):
+def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_path, caplog):
     config, _, metas, _ = faulty_run
     store, layout = open_storage(config)
-    logged = []
-    assert stored_ingredient(store, layout, metas[2]["id"], logged.append) is None
-    assert "an earlier attempt failed (crashed: killed by SIGKILL" in logged[0]
+    with caplog.at_level("WARNING", logger="model_soups"):
+        assert stored_ingredient(store, layout, metas[2]["id"]) is None
+    (said,) = caplog.records
+    assert said.levelname == "WARNING" and "an earlier attempt failed (crashed: killed by SIGKILL" in said.message
     assert not has_result(store, layout, metas[2]["id"])
     assert has_result(store, layout, metas[5]["id"])  # diverged is final

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ import pytest
 import torch
 
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterName, LogFilter,
+                                            LogFilterFlowRunId)
+from prefect.logging.handlers import APILogHandler
 
 from flows.model_soup import TooFewIngredients, model_soup
 from model_soups.config import ConfigError, StorageConfig, parse_config
@@ -57,7 +61,7 @@ def test_run_folder_holds_soup_manifest_results_and_report(first_run):
         assert store.sha256(ingredient["checkpoint"]) == ingredient["sha256"]
     page = (run / "report.html").read_text()
     assert '<img alt="greedy" src="data:image/png;base64,' in page  # one self-contained file
-    assert page.count("<table>") == 3 and "<code>greedy</code>" not in page and "<strong>greedy</strong>" in page
+    assert page.count("<table>") == 5 and "<code>greedy</code>" not in page and "<strong>greedy</strong>" in page
 
 
 def test_the_flow_run_is_named_after_its_run_folder_and_tagged_with_experiment_and_recipe(first_run):
@@ -80,9 +84,11 @@ def test_every_method_is_reported_on_test_and_every_ood_split(first_run):
     as_written = pd.read_csv(local(paths["run"]) / "results.csv", dtype=str)
     assert as_written[as_written.kind == "ingredient"].hp_seed.str.fullmatch(r"\d+").all()  # whole numbers stay whole
     report = (local(paths["run"]) / "report.md").read_text()
-    assert "| test_nll | test_ece |" in report and "| lr |" in report
+    assert "| test_nll | test_ece |" in report and "| hyperparameters |" in report
+    assert re.search(r"\| [0-9a-f]{16} \| [^|\n]*\blr 0\.\d+", report)  # each ingredient's learning rate, in words
     expected_splits = {"val", "test", "ood:rotate", "ood:noise", "ood:thick"}
-    kinds = ["ingredient", "best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble", "greedy_ensemble"]
+    kinds = ["pretrained", "ingredient", "best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble",
+             "greedy_ensemble"]
     for kind in kinds:
         assert set(results[results.kind == kind].split) == expected_splits, kind
     assert "| chosen on val |" in report and "| λ " in report and "![Task-vector soups" in report
@@ -206,8 +212,16 @@ def test_interrupted_upload_is_detected_and_the_ingredient_trained_again(first_r
     victim = sorted((root / "flow" / "ingredients").iterdir())[0]
     checkpoint_before = (victim / "model.safetensors").stat().st_mtime_ns
     damage(victim)
-    paths = model_soup(config=config)
+    state = model_soup(config=config, return_state=True)
+    paths = state.result()
     assert (victim / "model.safetensors").stat().st_mtime_ns != checkpoint_before  # trained and written again
+    if damage is not drop_meta:  # a record was there and refused: said as a warning in the task's log
+        APILogHandler().flush()
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        (said,) = [log for log in logs if log.level == logging.WARNING]
+        assert said.message.startswith(f"ingredient {victim.name}: ") and said.message.endswith("; making it again")
+        assert said.task_run_id is not None  # in the log of the task that found it
     meta = json.loads((victim / "meta.json").read_text())
     store = Store(StorageConfig(root=f"file://{root}"))
     assert store.sha256(meta["checkpoint"]) == meta["sha256"]
@@ -266,7 +280,7 @@ def test_a_sweep_that_plans_fewer_ingredients_than_the_run_needs_is_refused_befo
         model_soup(config=strict)
 
 
-def test_cli_rebuilds_the_report_and_inspects_the_soup(first_run, capsys):
+def test_cli_rebuilds_the_report_from_a_run_folder_or_a_run_id_and_inspects_the_soup(first_run, root, capsys):
     from flows.cli import main
 
     _, paths = first_run
@@ -274,9 +288,20 @@ def test_cli_rebuilds_the_report_and_inspects_the_soup(first_run, capsys):
     report.unlink()
     assert main(["report", paths["run"]]) == 0
     assert report.is_file()
+    run_id = paths["run"].rsplit("/", 1)[1]  # as `soup runs` prints it
+    for given in (["--experiment", "flow"], []):  # without one, the only experiment under the root that has it
+        report.unlink()
+        assert main(["report", run_id, "--root", str(root), *given]) == 0 and report.is_file()
+    capsys.readouterr()
+    assert main(["report", run_id, "--root", str(root), "--experiment", "other"]) == 2
+    assert f"no published run '{run_id}' in experiment 'other' under file://{root}" in capsys.readouterr().err
+    assert main(["report", paths["soup"]]) == 2  # a sentence, not a traceback
+    assert capsys.readouterr().err == (f"soup: {paths['soup']} is a file, not a run folder: soup report takes a run "
+                                       "folder (.../runs/<run_id>) or a run id from `soup runs <experiment>`; "
+                                       "`soup inspect` describes a checkpoint\n")
     assert main(["inspect", paths["soup"]]) == 0
     out = capsys.readouterr().out
-    assert "head.weight" in out and "sha256" in out
+    assert "head.weight" in out and "sha256" in out and "\r" not in out and "%|" not in out  # the bar is not in stdout
 
 
 def test_cli_lists_an_experiments_runs_with_the_final_soups_accuracy(first_run, root, capsys):

@@ -100,8 +100,11 @@ def test_a_tensor_no_fine_tune_moved_stays_at_the_start(store):
 
 def test_a_run_that_cooks_model_stock_from_fewer_than_two_ingredients_is_refused_before_training():
     config = parse_config({"sweep": {"n": 1, "params": {"seed": [0]}}})
-    with pytest.raises(ConfigError, match=r"the sweep plans 1 ingredient\(s\), but soup method model_stock needs at "
-                                          r"least 2 \(soup.methods\): give more"):
+    with pytest.raises(ConfigError, match=r"the sweep plans 1 ingredient\(s\), but execution.min_ingredients is 2 and "
+                                          r"soup method model_stock needs at least 2 \(soup.methods\)\. Give more .*, "
+                                          r"or set execution.min_ingredients: 1 .* and leave model_stock out of "
+                                          r"soup.methods"):
         make_plan(config)
-    alone = parse_config({"sweep": {"n": 1}, "soup": {"methods": ["greedy", "uniform"]}})
+    alone = parse_config({"sweep": {"n": 1}, "soup": {"methods": ["greedy", "uniform"]},
+                          "execution": {"min_ingredients": 1}})  # one model, asked for on purpose
     assert len(make_plan(alone).specs) == 1

@@ -71,6 +71,7 @@ def test_text_recipe_fine_tunes_minilm_and_makes_a_soup(prefect_server, tmp_path
         p.name for p in folder.iterdir()}
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "arxiv.org/abs/2203.05482" in card
+    assert "\nlicense: apache-2.0\n" in card and "\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n" in card
     assert all(i in card for i in manifest["soups"]["greedy"]["ingredients"])
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -108,6 +109,38 @@ def test_mean_pooling_with_per_batch_padding_gives_the_logits_of_the_padded_full
     padded = {name: F.pad(value, (0, 7)) for name, value in one.inputs.items()}
     with torch.no_grad():
         assert torch.allclose(model(**padded), model(**one.batch(slice(None))), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_the_published_folder_loads_with_plain_from_pretrained_as_the_pipelines_model_or_not_at_all(tmp_path, pooling):
+    from transformers import AutoModelForSequenceClassification
+
+    files = write_sentiment_files(tmp_path)
+    for name in ("train", "test"):  # labels with names, which the folder's config must carry
+        table = pd.read_csv(files[name])
+        table.assign(label=table.label.map({0: "negative", 1: "positive"})).to_csv(files[name], index=False)
+    recipe = get_recipe("text", {**files, "pooling": pooling, "head": "random", "max_length": 24})
+    state = recipe.make_pretrained()
+    pipeline = recipe.build_model()
+    pipeline.load_state_dict(state)
+    test = recipe.load_split("test")
+    expected = predict(pipeline, test)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    card = recipe.export_pretrained(state, folder)
+    assert card["license"] == "apache-2.0"  # the base model's, from its README.md
+
+    if pooling == "mean":  # no built-in class is this model: without remote code, an error, never missing weights
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForSequenceClassification.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    else:  # a built-in class is: plain from_pretrained, every weight loaded
+        model, loading = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+        assert not any(loading.values()), loading
+    assert model.config.id2label == {0: "negative", 1: "positive"} and model.config.label2id["positive"] == 1
+    with torch.no_grad():
+        logits = model.eval()(**test.inputs).logits.numpy()
+    assert np.allclose(logits, expected, atol=1e-4)
 
 
 def test_length_grouped_batches_cover_every_example_once_and_pad_less():

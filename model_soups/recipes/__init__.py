@@ -119,10 +119,11 @@ class Recipe(abc.ABC):
                 _LOADED[key] = self.load_split(split)
             return _LOADED[key]
 
-    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> bool:
-        """Write `state` into `folder` as a Hugging Face model folder (`from_pretrained` loads it); False when the
-        recipe's model is not a transformers model."""
-        return False
+    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, str] | None:
+        """Write `state` into `folder` as a Hugging Face model folder (`from_pretrained` loads it) and return what
+        its model card's metadata says of it (base_model, license); None when the recipe's model is not a
+        transformers model."""
+        return None
 
     def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return inputs

@@ -19,6 +19,7 @@ and training batches are grouped by length (`group_by_length`), so little comput
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -208,21 +209,43 @@ class Text(Recipe):
             probe_head(model, head, self.load_split("train"), self.eval_batch_size)
         return {name: value.detach().clone().contiguous() for name, value in model.state_dict().items()}
 
-    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> bool:
-        """config.json, model.safetensors and the tokenizer. Mean pooling is no architecture of transformers, so its
-        folder also carries modeling_soup.py, named in config.json's auto_map (load with trust_remote_code=True)."""
+    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, str] | None:
+        """config.json (labels named as in the data), model.safetensors and the tokenizer. Mean pooling is no
+        architecture of transformers, so its folder also carries modeling_soup.py, whose config has a model_type of
+        its own: without trust_remote_code the folder is refused, never loaded as a model with missing weights."""
         from safetensors.torch import save_file
 
-        config = self._config()
+        from model_soups.recipes.modeling_soup import MeanPoolSoupConfig
+
+        labels = {"id2label": {i: str(v) for i, v in enumerate(self.label_values)},
+                  "label2id": {str(v): i for i, v in enumerate(self.label_values)}}
         if self.options.pooling == "mean":
-            config.auto_map = {"AutoModelForSequenceClassification": "modeling_soup.MeanPoolForSequenceClassification"}
-            config.architectures = ["MeanPoolForSequenceClassification"]
+            encoder = {k: v for k, v in self._config().to_dict().items()
+                       if k not in ("id2label", "label2id", "_name_or_path")}  # the path is this machine's
+            config = MeanPoolSoupConfig(encoder=encoder, architectures=["MeanPoolForSequenceClassification"], auto_map={
+                "AutoConfig": "modeling_soup.MeanPoolSoupConfig",
+                "AutoModelForSequenceClassification": "modeling_soup.MeanPoolForSequenceClassification"}, **labels)
             shutil.copy(Path(__file__).with_name("modeling_soup.py"), folder / "modeling_soup.py")
+        else:
+            config = self._config()
+            config.update(labels)
         config.save_pretrained(folder)
         save_file({name: value.contiguous() for name, value in state.items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
         self._tokenizer.save_pretrained(folder)
-        return True
+        return {"base_model": self.options.model or "sentence-transformers/all-MiniLM-L6-v2",
+                **({"license": self.license} if self.license else {})}
+
+    @property
+    def license(self) -> str | None:
+        """The base model's license (the `license:` of its README.md's metadata), which the soup, a derivative of its
+        weights, carries on; None when the base model's folder does not say."""
+        card = Path(self.model_path) / "README.md"
+        if card.is_file():
+            metadata = card.read_text(errors="replace").split("---")
+            if len(metadata) > 2 and (found := re.search(r"^license:\s*(\S+)\s*$", metadata[1], re.MULTILINE)):
+                return found.group(1)
+        return None
 
     @cached_property
     def _tokenizer(self):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import socket
 import time
 import uuid
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
@@ -19,6 +22,9 @@ from model_soups.storage.errors import TRANSIENT, StorageError, StorageUnavailab
 
 if TYPE_CHECKING:
     from model_soups.config import StorageConfig
+
+logger = logging.getLogger(__name__)
+MAX_WAIT_S = 15.0  # the longest wait between two tries of a storage call
 
 
 def as_url(location: str) -> str:
@@ -65,31 +71,43 @@ class Store:
             raise StorageError(f"{url}: not under the storage root {self.root}")
         return rest if self.protocol != "file" else self.fs._strip_protocol(url)
 
+    def where(self) -> str:
+        return f"{self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''}"
+
     def unavailable(self, action: str, url: str, error: BaseException, attempts: int = 1,
                     seconds: float = 0.0) -> StorageUnavailable:
-        where = f"{self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''}"
         tries = f" {attempts} times over {seconds:.0f}s" if attempts > 1 else ""
         return StorageUnavailable(
-            f"storage {where} is unreachable: {action} {url} failed{tries} ({type(error).__name__}: {error}). "
-            "Nothing stored is lost: run again once it is back, and finished work is reused."
+            f"storage {self.where()} is unreachable: {action} {url} failed{tries} ({type(error).__name__}: {error}). "
+            "Nothing stored is lost: run again once it is back, and finished work is reused; storage.outage_s sets "
+            "how long an outage is waited out."
         )
 
-    def retrying(self, action: str, url: str, operation: Callable[[], Any], attempts: int | None = None) -> Any:
-        """Run one storage operation; on a transient endpoint error retry with backoff (1, 2, 4... s), then give up."""
-        attempts = attempts or 1 + self.config.retries
-        started, attempt = time.time(), 1
+    def retrying(self, action: str, url: str, operation: Callable[[], Any], patient: bool = True) -> Any:
+        """Run one storage operation; on a transient endpoint error, retry after 1, 2, 4 ... s (at most MAX_WAIT_S
+        apart), logging each wait as a warning, until storage.outage_s has passed; then give up. Not `patient`:
+        one try (a preflight answers in seconds)."""
+        started, attempt = time.monotonic(), 1
         while True:
             try:
                 return operation()
             except TRANSIENT as error:
-                if attempt == attempts:
-                    raise self.unavailable(action, url, error, attempts, time.time() - started) from None
-            time.sleep(2.0 ** (attempt - 1))
+                waited = time.monotonic() - started
+                wait = min(2.0 ** (attempt - 1), MAX_WAIT_S)
+                if not patient or waited + wait > self.config.outage_s:
+                    raise self.unavailable(action, url, error, attempt, waited) from None
+                logger.warning(f"storage {self.where()} does not answer: {action} {url} failed "
+                               f"({type(error).__name__}); trying again in {wait:.0f}s, {waited:.0f}s of "
+                               f"storage.outage_s {self.config.outage_s:.0f}s waited")
+            time.sleep(wait)
             attempt += 1
 
     # -- plain objects -------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
         return self.retrying("checking", url, lambda: self.fs.exists(self.path(url)))
+
+    def is_file(self, url: str) -> bool:
+        return self.retrying("checking", url, lambda: self.fs.isfile(self.path(url)))
 
     def read_bytes(self, url: str) -> bytes:
         try:
@@ -97,7 +115,7 @@ class Store:
         except FileNotFoundError:
             raise StorageError(f"{url}: not found") from None
 
-    def write_bytes(self, url: str, data: bytes, attempts: int | None = None) -> None:
+    def write_bytes(self, url: str, data: bytes, patient: bool = True) -> None:
         """Write all or nothing: a reader never sees a half-written object."""
         path = self.path(url)
         if self.protocol == "file":
@@ -107,7 +125,7 @@ class Store:
                 handle.write(data)
             os.replace(partial, path)
         else:  # an S3 PUT is atomic: the object appears whole or not at all
-            self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), attempts)
+            self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), patient)
 
     def create_exclusive(self, url: str, data: bytes) -> bool:
         """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
@@ -191,18 +209,36 @@ class Store:
         return self.retrying("reading", url, read)
 
     def check_writable(self, experiment: str) -> None:
-        """Fail in seconds, before any training, if the root cannot be written."""
+        """Fail in seconds, before any training, if the root cannot be written: a dead endpoint is named as such,
+        before anything about credentials (botocore asks for those before it connects)."""
         probe = self.url(experiment, f".probe-{uuid.uuid4().hex}")
         try:
-            self.write_bytes(probe, b"ok", attempts=1)  # no retries: a preflight answers in seconds
+            self.write_bytes(probe, b"ok", patient=False)  # a preflight answers in seconds
             self.delete(probe)
         except Exception as error:  # noqa: BLE001 - any failure here means the root is unusable
+            dead = self.endpoint_error()
+            if dead:
+                raise StorageError(
+                    f"storage root {self.root}: the endpoint {self.endpoint} does not answer ({dead}). Start it, or "
+                    "fix storage.endpoint_url / AWS_ENDPOINT_URL; credentials are checked once it answers."
+                ) from None
             raise StorageError(
-                f"storage root {self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''} is not writable: "
-                f"{type(error).__name__}: {error}. "
+                f"storage root {self.where()} is not writable: {type(error).__name__}: {error}. "
                 "Check the URL, that the bucket exists, the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) "
                 "and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
             ) from None
+
+    def endpoint_error(self) -> str | None:
+        """Why a TCP connection to the S3 endpoint fails, or None when it connects (or there is no endpoint)."""
+        if not self.endpoint:
+            return None
+        parts = urlsplit(self.endpoint)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname, port), timeout=5).close()
+        except (OSError, ValueError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, url: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
