@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
-from model_soups.ingredients import fewest_ingredients, new_run_id, start_as_model
+from model_soups.ingredients import fewest_ingredients, new_run_id, start_as_model, without_duplicates
 from model_soups.records import IngredientRecord
 from model_soups.soups import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -78,8 +78,14 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
         more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
         metas, failed = metas + more, failed + left_out
+    metas, duplicates = without_duplicates(metas)
+    for duplicate in duplicates:
+        logger.warning(f"ingredient {duplicate.id} left out of the soup: {duplicate.reason}")
+    failed += duplicates
     reused = sum(1 for m in metas if m.reused)
-    logger.info(f"{len(metas)} ingredients ready ({reused} reused, {len(metas) - reused} trained), {len(failed)} left out")
+    supplied = sum(1 for m in metas if not m.reused and m.source == "existing checkpoint")
+    logger.info(f"{len(metas)} ingredients ready ({reused} reused, {supplied} supplied, "
+                f"{len(metas) - reused - supplied} trained), {len(failed)} left out")
     fewest, why = fewest_ingredients(config)
     if len(metas) < fewest:
         raise TooFewIngredients(f"only {len(metas)} ingredients survived, {why}; failures: {[f.model_dump() for f in failed]}")

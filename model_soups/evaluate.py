@@ -72,13 +72,18 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
             raise StorageError(f"{json_url}: evaluates another checkpoint ({stored.checkpoint_sha256[:12]}...)")
         if not store.exists(npz_url):
             raise StorageError(f"{npz_url}: missing")
+        if stored.logits_sha256 is None:
+            raise StorageError(f"{json_url}: written before logits carried a sha256")
+        if (found := store.sha256(npz_url)) != stored.logits_sha256:
+            raise StorageError(f"{npz_url}: sha256 {found[:12]}... is not the {stored.logits_sha256[:12]}... recorded "
+                               "with it (changed or damaged)")
 
     def build() -> EvaluationRecord:
         started = time.time()
         model = load_model(recipe, store.load_checkpoint(meta.checkpoint, meta.sha256))
         result = evaluate_and_store(store, npz_url, model, recipe.dataset(split), recipe.eval_batch_size)
         record = EvaluationRecord(id=meta.id, split=split, checkpoint_sha256=meta.sha256, **result.model_dump(),
-                                  seconds=round(time.time() - started, 4))
+                                  logits_sha256=store.sha256(npz_url), seconds=round(time.time() - started, 4))
         record.write(store, json_url)
         log(f"ingredient {meta.id} on {split}: accuracy {record.accuracy:.4f}")
         return record

@@ -13,9 +13,9 @@ from model_soups import merge
 from model_soups.config import ConfigError, RunConfig
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
 from model_soups.recipes import Recipe, get_recipe
-from model_soups.records import FinetuneJob, IngredientRecord, PretrainedRecord, reuse_or_build
+from model_soups.records import FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord, reuse_or_build
 from model_soups.soups import SOUP_METHODS
-from model_soups.storage import Layout, Lease, StorageError, StorageUnavailable, Store
+from model_soups.storage import CorruptCheckpoint, Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.sweep import IngredientSpec, expand
 
 Log = Callable[[str], None]
@@ -197,6 +197,26 @@ def folder_shards(store: Store, url: str) -> list[str] | None:
     if store.exists(index):
         return sorted({f"{url}/{name}" for name in store.read_json(index)["weight_map"].values()})
     return [f"{url}/model.safetensors"] if store.exists(f"{url}/model.safetensors") else None
+
+
+# what a supplied checkpoint is refused for: it would be refused the same way again, so it is not retried
+REFUSED = (merge.CheckpointMismatch, merge.NonFiniteCheckpoint, CorruptCheckpoint)
+
+
+def without_duplicates(metas: list[IngredientRecord]) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
+    """The ingredients with each file once: a second ingredient with the same sha256 (a supplied copy of a stored
+    fine-tune, say) would count twice in every soup, so it is left out, named next to the one it copies."""
+    first: dict[str, IngredientRecord] = {}
+    kept, dropped = [], []
+    for meta in metas:
+        if meta.sha256 in first:
+            dropped.append(FailedIngredient(
+                id=meta.id, status="failed", hparams=meta.hparams, reason=f"duplicate: {meta.checkpoint} is the same file "
+                f"(sha256 {meta.sha256[:12]}...) as ingredient {first[meta.sha256].id}'s, and would count twice"))
+        else:
+            first[meta.sha256] = meta
+            kept.append(meta)
+    return kept, dropped
 
 
 def register_checkpoint(store: Store, layout: Layout, spec: IngredientSpec, pretrained: PretrainedRecord) -> IngredientRecord:

@@ -65,7 +65,7 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
         "method": final.method, "experiment": config.experiment, "run_id": run_id,
         "ingredients": json.dumps([[m.id, m.sha256] for m in metas if m.id in final.ingredients])})
     greedy = next((r for r in soup_records if r.method == "greedy"), None)
-    Manifest(
+    manifest = Manifest(
         experiment=config.experiment, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
         final=config.soup.final, soup=run.soup, soup_ingredients=len(final.ingredients), recipe=recipe.describe(),
         fingerprint=pretrained.fingerprint, pretrained=pretrained,
@@ -78,15 +78,16 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
         greedy_trajectory=greedy.trajectory if greedy else [], sweep_stop=stop,
         files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
         config=config.model_dump(mode="json"), versions=versions(),
-    ).write(store, run.manifest)
-    paths = report.build_report(store, run.url)
-    if hf_folder := export_pretrained(store, run, recipe, state):
+    )
+    paths = report.build_report(store, run.url, manifest.model_dump(mode="json"))
+    if hf_folder := export_pretrained(store, run, recipe, state, manifest.model_dump(mode="json")):
         paths["hf"] = hf_folder
+    manifest.write(store, run.manifest)  # last: a run folder is published once its manifest is there, and complete
     log(f"published {run.url}")
     return {"run": run.url, "soup": run.soup, **paths}
 
 
-def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict) -> str | None:
+def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict, manifest: dict) -> str | None:
     """The soup as a Hugging Face folder, `hf/` in the run folder, with a model card; None for a recipe whose model
     is not a transformers model."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -94,7 +95,7 @@ def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict)
         card_metadata = recipe.export_pretrained(state, folder)
         if card_metadata is None:
             return None
-        card = report.model_card(store.read_json(run.manifest), report.read_results(store, run.url), card_metadata)
+        card = report.model_card(manifest, report.read_results(store, run.url), card_metadata)
         (folder / "README.md").write_text(card)
         for path in sorted(folder.rglob("*")):
             if path.is_file():

@@ -127,6 +127,7 @@ class EvaluationRecord(Record, Metrics):
     id: str
     split: str
     checkpoint_sha256: str
+    logits_sha256: str | None = None  # of <split>.npz: a reused evaluation's logits are checked against it
     seconds: float = 0.0
 
 

@@ -156,11 +156,12 @@ def read_results(store: Store, run_url: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(store.read_bytes(RunFolder(run_url).file("results.csv"))))
 
 
-def build_report(store: Store, run_url: str) -> dict[str, str]:
-    """Write report.md, report.html and figures/*.png into the run folder; return their URLs."""
+def build_report(store: Store, run_url: str, manifest: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write report.md, report.html and figures/*.png into the run folder; return their URLs. `manifest`: the one
+    about to be written (publishing writes it last), else the stored one."""
     run = RunFolder(run_url)
     results = read_results(store, run_url)
-    manifest = store.read_json(run.manifest)
+    manifest = manifest if manifest is not None else store.read_json(run.manifest)
     cosine_url = run.file("cosine.json")
     cosine = store.read_json(cosine_url) if store.exists(cosine_url) else {"ids": [], "matrix": []}
     trajectory = manifest.get("greedy_trajectory", [])

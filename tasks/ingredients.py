@@ -23,8 +23,9 @@ from tasks import QUIET, artifact_key
 
 
 def unless_storage_is_down(task, task_run, state) -> bool:
-    """Retry a failed fine-tune, except when storage did not answer: it has had its own retries with backoff."""
-    return not isinstance(state.data, StorageUnavailable)
+    """Retry a failed fine-tune, except when storage did not answer (it has had its own retries with backoff) or a
+    supplied checkpoint was refused for what it is (mismatched, NaN, malformed: it would be refused again)."""
+    return not isinstance(state.data, (StorageUnavailable, *ingredients.REFUSED))
 
 
 @task(name="prepare", **QUIET)

@@ -113,3 +113,44 @@ def test_a_sharded_hugging_face_folder_joins_the_soup_as_its_unsharded_twin(tmp_
     sharded, whole = (weighted_average(store, [Ingredient(m.id, m.checkpoint, m.sha256)]) for m in metas)
     assert sharded.keys() == whole.keys() == state.keys()
     assert all(torch.equal(sharded[name], whole[name]) for name in state)
+
+
+@pytest.mark.slow
+def test_a_killed_soup_does_not_leave_its_temporary_prefect_server_running(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    soup = subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--set", f"storage.root=file://{tmp_path}/runs",
+                             "--set", "sweep.n=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def servers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                status = (entry / "status").read_text()
+                if (f"PPid:\t{soup.pid}\n" in status
+                        and b"prefect.server.api.server:create_app" in (entry / "cmdline").read_bytes()):
+                    found.append(int(entry.name))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    deadline = time.time() + 120
+    while not servers() and time.time() < deadline and soup.poll() is None:
+        time.sleep(0.5)
+    (server,) = servers()
+    soup.send_signal(signal.SIGKILL)  # no atexit, no finally: only the watchdog can stop it now
+    soup.wait()
+    deadline = time.time() + 20
+    while Path(f"/proc/{server}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{server}/cmdline").exists() and b"create_app" in Path(f"/proc/{server}/cmdline").read_bytes()
+    if alive:
+        os.kill(server, signal.SIGKILL)  # the test cleans up after a failure; the assertion below still fails
+    assert not alive, "the temporary Prefect server outlived the killed soup process"

@@ -230,6 +230,23 @@ def test_interrupted_upload_is_detected_and_the_ingredient_trained_again(first_r
     assert entry["sha256"] == meta["sha256"]  # the soup was made from the verified checkpoint, never the bad one
 
 
+def test_a_flipped_byte_in_stored_logits_is_found_named_in_a_warning_and_the_evaluation_made_again(first_run, root,
+                                                                                                  caplog):
+    config, paths = first_run
+    victim = sorted((root / "flow" / "evals").glob("[0-9a-f]*/val.npz"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    before = pd.read_csv(local(paths["run"]) / "results.csv")
+    with caplog.at_level("WARNING", logger="model_soups"):
+        again = model_soup(config=config)
+    (said,) = [r.message for r in caplog.records if str(victim) in r.message]
+    assert "is not the" in said and "recorded with it (changed or damaged)" in said and said.endswith("making it again")
+    after = pd.read_csv(local(again["run"]) / "results.csv")
+    changed = before.merge(after, on=["model", "kind", "split"], suffixes=("", "_after")).query("accuracy != accuracy_after")
+    assert changed.empty, changed[["model", "kind", "split", "accuracy", "accuracy_after"]]  # the same logits again
+
+
 def test_nan_ingredient_is_left_out_and_named_in_the_report(first_run, root, tmp_path):
     config, paths = first_run
     store = Store(StorageConfig(root=f"file://{root}"))
@@ -239,12 +256,35 @@ def test_nan_ingredient_is_left_out_and_named_in_the_report(first_run, root, tmp
     nan_url = store.url("outside", "nan.safetensors")
     store.save_checkpoint(nan_url, state)
     with_nan = config.model_copy(update={"sweep": config.sweep.model_copy(update={"checkpoints": [nan_url]})})
-    paths = model_soup(config=with_nan)
+    state = model_soup(config=with_nan, return_state=True)
+    paths = state.result()
     manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
     (failed,) = manifest["failed"]
     assert failed["id"].startswith("ckpt-") and "head.bias" in failed["reason"] and "NaN" in failed["reason"]
     assert len(manifest["ingredients"]) == 4
     assert failed["id"] in (local(paths["run"]) / "report.md").read_text()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    (refused,) = [run for run in runs if run.name == f"finetune-{failed['id']}"]
+    assert refused.run_count == 1 and config.execution.retries == 1  # refused once, not retried: it would be again
+
+
+def test_a_byte_identical_copy_of_an_ingredient_is_left_out_naming_both_and_counted_as_supplied(first_run, root, caplog):
+    config, paths = first_run
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    original = manifest["ingredients"][1]
+    copy = root / "outside" / "copy.safetensors"
+    copy.parent.mkdir(exist_ok=True)
+    copy.write_bytes(local(original["checkpoint"]).read_bytes())
+    with_copy = config.model_copy(update={"sweep": config.sweep.model_copy(update={"checkpoints": [f"file://{copy}"]})})
+    with caplog.at_level("INFO"):
+        paths = model_soup(config=with_copy)
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    (failed,) = manifest["failed"]
+    assert len(manifest["ingredients"]) == 4 and failed["id"].startswith("ckpt-")
+    assert failed["reason"] == (f"duplicate: file://{copy} is the same file (sha256 {original['sha256'][:12]}...) as "
+                                f"ingredient {original['id']}'s, and would count twice")
+    assert "4 ingredients ready (4 reused, 0 supplied, 0 trained), 1 left out" in caplog.text
 
 
 def test_existing_checkpoint_joins_the_soup_without_training(first_run, root):
@@ -313,8 +353,30 @@ def test_cli_lists_an_experiments_runs_with_the_final_soups_accuracy(first_run, 
     results = pd.read_csv(local(paths["run"]) / "results.csv")
     test = results[(results.kind == "greedy_soup") & (results.split == "test")].accuracy.iloc[0]
     line = next(line for line in out.splitlines() if paths["run"].rsplit("/", 1)[1] in line)
-    assert "| greedy |" in line and f"| {100 * test:.2f} |" in line
+    assert "| greedy |" in line and f"| {100 * test:.2f} |" in line and "| as published |" in line
     assert main(["runs", "no-such-experiment", "--root", str(root)]) == 1
+
+
+def test_cli_inspect_and_runs_say_when_a_published_file_changed_since_its_manifest(first_run, root, capsys):
+    from flows.cli import main
+
+    _, paths = first_run
+    soup = local(paths["soup"])
+    assert main(["inspect", str(soup)]) == 0
+    assert f"matches the sha256 recorded in {paths['run']}/manifest.json" in capsys.readouterr().out
+    published = soup.read_bytes()
+    flipped = bytearray(published)
+    flipped[-5] ^= 0x01  # one bit of one weight
+    try:
+        soup.write_bytes(bytes(flipped))
+        assert main(["inspect", str(soup)]) == 1
+        assert f"{paths['soup']} has changed since it was recorded: {paths['run']}/manifest.json says sha256" in \
+            capsys.readouterr().err
+        assert main(["runs", "flow", "--root", str(root)]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if soup.parent.name in line)
+        assert "CHANGED since published: soup.safetensors" in line
+    finally:
+        soup.write_bytes(published)
 
 
 def test_cli_push_refuses_a_run_without_a_hugging_face_folder(first_run, capsys):

@@ -74,7 +74,9 @@ def flaky_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("flaky-bucket")
+    # moto keeps its buckets per process, so a second test that uses this fixture finds the bucket there already
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).makedirs("flaky-bucket",
+                                                                                                   exist_ok=True)
     servers = [server]
 
     def restart() -> None:

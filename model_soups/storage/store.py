@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import socket
 import time
 import uuid
+import zipfile
 from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -115,30 +117,55 @@ class Store:
         except FileNotFoundError:
             raise StorageError(f"{url}: not found") from None
 
+    def unwritable(self, action: str, url: str, error: OSError) -> StorageUnavailable:
+        """A local root that cannot take a write (disk full, read-only, over quota): the storage's fault, never an
+        ingredient's, so a fine-tune process exits with the storage code and is not retried as a crash."""
+        return StorageUnavailable(
+            f"storage {self.root} cannot be written: {action} {url} failed ({type(error).__name__}: "
+            f"{error.strerror or error}). Nothing stored is lost: free space or make the folder writable, then run "
+            "again, and finished work is reused."
+        )
+
     def write_bytes(self, url: str, data: bytes, patient: bool = True) -> None:
-        """Write all or nothing: a reader never sees a half-written object."""
+        """Write all or nothing: a reader never sees a half-written object, and a failed write leaves no part."""
         path = self.path(url)
         if self.protocol == "file":
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
             partial = f"{path}.partial-{uuid.uuid4().hex}"
-            with open(partial, "wb") as handle:
-                handle.write(data)
-            os.replace(partial, path)
+            try:
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(partial, "wb") as handle:
+                    handle.write(data)
+                os.replace(partial, path)
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.remove(partial)
+                raise self.unwritable("writing", url, error) from None
         else:  # an S3 PUT is atomic: the object appears whole or not at all
             self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), patient)
 
     def create_exclusive(self, url: str, data: bytes) -> bool:
         """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
         path = self.path(url)
-        try:
-            if self.protocol == "file":
-                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "xb") as handle:
-                    handle.write(data)
-            else:
+        if self.protocol != "file":
+            try:
                 self.retrying("creating", url, lambda: self.fs.pipe_file(path, data, mode="create"))
+            except FileExistsError:
+                return False
+            return True
+        try:
+            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+            handle = open(path, "xb")
         except FileExistsError:
             return False
+        except OSError as error:
+            raise self.unwritable("creating", url, error) from None
+        try:
+            with handle:
+                handle.write(data)
+        except OSError as error:  # ours, and half written: removed, so that no reader takes it for a record
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise self.unwritable("creating", url, error) from None
         return True
 
     def read_json(self, url: str) -> Any:
@@ -156,8 +183,12 @@ class Store:
         self.write_bytes(url, buffer.getvalue())
 
     def read_arrays(self, url: str) -> dict[str, np.ndarray]:
-        with np.load(io.BytesIO(self.read_bytes(url)), allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        try:
+            with np.load(io.BytesIO(self.read_bytes(url)), allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (zipfile.BadZipFile, ValueError, EOFError) as error:
+            raise StorageError(f"{url}: not a readable npz archive ({type(error).__name__}: {error}); delete it, or "
+                               "run again to have it made anew") from None
 
     def children(self, url: str) -> list[str]:
         """The URLs of the objects and folders directly under `url`, sorted; none if it does not exist."""
@@ -171,7 +202,10 @@ class Store:
     def delete(self, url: str) -> None:
         path = self.path(url)
         if self.exists(url):
-            self.retrying("deleting", url, lambda: self.fs.rm(path, recursive=True))
+            try:
+                self.retrying("deleting", url, lambda: self.fs.rm(path, recursive=True))
+            except PermissionError as error:  # a read-only local root
+                raise self.unwritable("deleting", url, error) from None
 
     def copy(self, source: str, target: str) -> None:
         self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
