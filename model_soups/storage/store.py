@@ -12,8 +12,8 @@ import socket
 import time
 import uuid
 import zipfile
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
