@@ -137,7 +137,7 @@ def find_run(target: str, experiment: str | None, root: str | None) -> str:
         raise StorageError(f"{target} is not a published run folder: it has no manifest.json. Give a run folder "
                            "(.../<experiment>/runs/<run_id>) or a run id from `soup runs <experiment>`")
     store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
-    experiments = [experiment] if experiment else [url.rsplit("/", 1)[1] for url in store.children(store.root)]
+    experiments = [experiment] if experiment else [child.rsplit("/", 1)[1] for child in store.children(store.root)]
     found = [run.url for run in (Layout(store, name).run(target) for name in experiments) if store.exists(run.manifest)]
     if len(found) == 1:
         return found[0]

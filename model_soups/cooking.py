@@ -86,7 +86,7 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
     sha = store.save_checkpoint(url, state, {"method": method})
     # logits are kept, as for ingredients, for paired comparisons later
     split_metrics = {split: evaluate_and_store(store, layout.soup_logits(key, split), model, recipe.dataset(split),
-                                               recipe.eval_batch_size) for split in recipe.splits()}
+                                               recipe.eval_batch_size)[0] for split in recipe.splits()}
     record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
                         task=soup.task.describe() if soup.task else None,

@@ -50,10 +50,12 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
                    ece=float(ece), n=int(len(labels)))
 
 
-def evaluate_and_store(store: Store, logits_url: str, model: torch.nn.Module, data: SplitData, batch_size: int) -> Metrics:
+def evaluate_and_store(store: Store, logits_url: str, model: torch.nn.Module, data: SplitData,
+                       batch_size: int) -> tuple[Metrics, str]:
+    """The model's metrics on `data`, with its logits and labels stored at `logits_url`, and that file's sha256."""
     logits = predict(model, data, batch_size, evaluation_device())
-    store.write_arrays(logits_url, logits=logits, labels=data.labels.numpy())
-    return metrics(logits, data.labels.numpy())
+    sha = store.write_arrays(logits_url, logits=logits, labels=data.labels.numpy())
+    return metrics(logits, data.labels.numpy()), sha
 
 
 def load_model(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -81,9 +83,9 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
     def build() -> EvaluationRecord:
         started = time.time()
         model = load_model(recipe, store.load_checkpoint(meta.checkpoint, meta.sha256))
-        result = evaluate_and_store(store, npz_url, model, recipe.dataset(split), recipe.eval_batch_size)
+        result, logits_sha = evaluate_and_store(store, npz_url, model, recipe.dataset(split), recipe.eval_batch_size)
         record = EvaluationRecord(id=meta.id, split=split, checkpoint_sha256=meta.sha256, **result.model_dump(),
-                                  logits_sha256=store.sha256(npz_url), seconds=round(time.time() - started, 4))
+                                  logits_sha256=logits_sha, seconds=round(time.time() - started, 4))
         record.write(store, json_url)
         log(f"ingredient {meta.id} on {split}: accuracy {record.accuracy:.4f}")
         return record

@@ -177,10 +177,12 @@ class Store:
     def write_json(self, url: str, value: Any) -> None:
         self.write_bytes(url, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
-    def write_arrays(self, url: str, **arrays: np.ndarray) -> None:
+    def write_arrays(self, url: str, **arrays: np.ndarray) -> str:
+        """Store arrays as one npz; returns its sha256."""
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         self.write_bytes(url, buffer.getvalue())
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
 
     def read_arrays(self, url: str) -> dict[str, np.ndarray]:
         try:
