@@ -170,11 +170,12 @@ def runs_command(experiment: str, root: str | None) -> int:
     from model_soups.storage import RunFolder, Store, as_url
 
     store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
-    rows = []
+    rows, unfinished = [], []
     for url in store.children(store.url(experiment, "runs")):
         run = RunFolder(url)
         if not store.exists(run.manifest):
-            continue  # a run that did not get to publish
+            unfinished.append(url.rsplit("/", 1)[1])  # a run that stopped while publishing, or is publishing now
+            continue
         manifest = store.read_json(run.manifest)
         final = report.summary(report.read_results(store, url)).loc[f"{manifest['final']}_soup"]
         changed = [name for name, sha in manifest["files"].items() if store.sha256(run.file(name)) != sha]
@@ -182,6 +183,9 @@ def runs_command(experiment: str, root: str | None) -> int:
                      "ingredients": f"{manifest['soup_ingredients']} of {len(manifest['ingredients'])}",
                      **{split: final[split] for split in ("val", "test", "ood_mean") if split in final},
                      "files": f"CHANGED since published: {', '.join(changed)}" if changed else "as published"})
+    if unfinished:
+        print(f"soup: not listed, as not (yet) published (no manifest.json): {', '.join(unfinished)}. A rerun of the same "
+              "config completes such a folder; `soup report` refuses it meanwhile", file=sys.stderr)
     if not rows:
         print(f"soup: no published runs of experiment {experiment!r} under {store.root}", file=sys.stderr)
         return 1

@@ -47,6 +47,11 @@ def this_run(config: RunConfig) -> str:
     return run_id
 
 
+def rename(config: RunConfig, run_id: str) -> None:
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(runtime.flow_run.id, name=f"{config.experiment}-{run_id}")
+
+
 @flow(name="model-soup", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
 def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     """Fine-tune a sweep of ingredients, evaluate them, cook the soups and publish the soup and a report."""
@@ -107,6 +112,8 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
     paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id, [f.result() for f in start],
                     stop)
+    if not paths["run"].endswith(f"/{run_id}"):  # it completed a half-published folder: the run takes its name
+        rename(config, paths["run"].rsplit("/", 1)[1])
     if failed:
         logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
     logger.info(f"run folder {paths['run']}")

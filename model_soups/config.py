@@ -40,6 +40,9 @@ class StorageConfig(Strict):
     outage_s: float = Field(
         120, ge=0, le=3600, description="how long a storage call waits out an endpoint that does not answer, retrying "
         "after 1, 2, 4 ... s (at most 15 s apart), each wait logged; past it the run fails, and a rerun resumes")
+    request_timeout_s: float = Field(
+        30, gt=0, le=600, description="how long one S3 request may wait for an answer before it counts as a failed try "
+        "and is retried (an endpoint that accepts connections but has frozen)")
     link_expiry_s: int = Field(
         86400, ge=60, le=604800, description="how long the presigned S3 links in the run's Prefect artifacts stay valid"
     )

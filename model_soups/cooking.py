@@ -15,8 +15,9 @@ from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics,
 from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
 from model_soups.recipes import Recipe, SplitData, stable_hash
-from model_soups.records import EvaluationRecord, IngredientRecord, PretrainedRecord, SoupRecord, reuse_or_build
-from model_soups.storage import Layout, Store
+from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, IngredientRecord, PretrainedRecord, SoupRecord,
+                                 reuse_or_build)
+from model_soups.storage import Layout, StorageError, Store
 
 Log = Callable[[str], None]
 
@@ -62,10 +63,17 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
     def verify(record: SoupRecord) -> None:
         with store.open_checkpoint(record.checkpoint, record.sha256):
             pass
+        for split in recipe.splits():  # its logits, kept for paired comparisons (bench/quality.py)
+            url, recorded = layout.soup_logits(key, split), record.logits_sha256.get(split)
+            if recorded is None:
+                raise StorageError(f"{layout.soup_record(key)}: written before soup logits carried a sha256")
+            if (found := store.sha256(url)) != recorded:
+                raise StorageError(f"{url}: sha256 {found[:12]}... is not the {recorded[:12]}... recorded with it "
+                                   "(changed or damaged)")
 
     record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
                             lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log, base),
-                            f"{method} soup {key}")
+                            f"{method} soup {key}", lease_s=BUILD_LEASE_S)
     if record.reused:
         log(f"{method} soup {key}: reused")
     return record
@@ -85,13 +93,15 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
     url = layout.soup(key)
     sha = store.save_checkpoint(url, state, {"method": method})
     # logits are kept, as for ingredients, for paired comparisons later
-    split_metrics = {split: evaluate_and_store(store, layout.soup_logits(key, split), model, recipe.dataset(split),
-                                               recipe.eval_batch_size)[0] for split in recipe.splits()}
+    evaluated = {split: evaluate_and_store(store, layout.soup_logits(key, split), model, recipe.dataset(split),
+                                           recipe.eval_batch_size) for split in recipe.splits()}
+    split_metrics = {split: result for split, (result, _) in evaluated.items()}
     record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
                         task=soup.task.describe() if soup.task else None,
                         candidate_evaluations=scorer.evaluations, candidate_seconds=round(scorer.seconds, 4),
-                        seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics)
+                        seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics,
+                        logits_sha256={split: sha for split, (_, sha) in evaluated.items()})
     record.write(store, layout.soup_record(key))
     log(f"{method} soup {key}: {len(soup.ingredients)} ingredients, val {split_metrics['val'].accuracy:.4f}, "
         f"{scorer.evaluations} candidate evaluations")

@@ -11,7 +11,7 @@ import torch
 from scipy.special import log_softmax
 
 from model_soups.recipes import Recipe, SplitData, logits_of
-from model_soups.records import EvaluationRecord, IngredientRecord, Metrics, reuse_or_build
+from model_soups.records import BUILD_LEASE_S, EvaluationRecord, IngredientRecord, Metrics, reuse_or_build
 from model_soups.storage import Layout, StorageError, Store
 
 ECE_BINS = 15
@@ -90,4 +90,5 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
         log(f"ingredient {meta.id} on {split}: accuracy {record.accuracy:.4f}")
         return record
 
-    return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}")
+    return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}",
+                          lease_s=BUILD_LEASE_S)

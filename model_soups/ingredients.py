@@ -13,7 +13,8 @@ from model_soups import merge
 from model_soups.config import ConfigError, RunConfig
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
 from model_soups.recipes import Recipe, get_recipe
-from model_soups.records import FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord, reuse_or_build
+from model_soups.records import (BUILD_LEASE_S, FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord,
+                                 reuse_or_build)
 from model_soups.soups import SOUP_METHODS
 from model_soups.storage import CorruptCheckpoint, Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.sweep import IngredientSpec, expand
@@ -98,7 +99,8 @@ def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> Pre
         return record
 
     record = reuse_or_build(store, layout.pretrained_record(plan.fingerprint), PretrainedRecord,
-                            lambda r: verify_checkpoint(store, r.url, r.sha256), build, f"pretrained {url}")
+                            lambda r: verify_checkpoint(store, r.url, r.sha256), build, f"pretrained {url}",
+                            lease_s=BUILD_LEASE_S)
     if record.reused:
         log(f"pretrained {url}: reused")
     return record

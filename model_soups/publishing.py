@@ -15,11 +15,13 @@ from model_soups.config import RunConfig
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
 from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
-from model_soups.recipes import Recipe
-from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, Manifest, ManifestIngredient,
-                                 ManifestSoup, PretrainedRecord, SoupRecord, SweepStop)
-from model_soups.storage import RunFolder, Store
+from model_soups.recipes import Recipe, stable_hash
+from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
+                                 ManifestIngredient, ManifestSoup, PretrainedRecord, SoupRecord, SweepStop)
+from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
 from model_soups.train import versions
+
+PUBLISHING = "publishing.json"  # in a run folder until its manifest is written: which config and soups it is for
 
 
 def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
@@ -46,7 +48,51 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
             run_id: str, start: list[EvaluationRecord], log: Callable[[str], None],
             stop: SweepStop | None = None) -> dict[str, str]:
     store, layout = open_storage(config)
+    content = stable_hash({"config": config.model_dump(mode="json"), "soups": sorted(r.key for r in soup_records)})
+    run, lease = claim_run_folder(store, layout, run_id, content, log)
+    try:
+        paths = write_run_folder(config, recipe, store, layout, run, pretrained, metas, failed, evaluations,
+                                 soup_records, start, stop)
+        store.delete(run.file(PUBLISHING))
+    finally:
+        lease.release()
+    log(f"published {run.url}")
+    return paths
+
+
+def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
+                     log: Callable[[str], None]) -> tuple[RunFolder, Lease]:
+    """The folder to publish into, leased while it is written: a half-published folder of the same config and soups
+    (a run that stopped while publishing, whose lease is gone), which is completed, or else a new one, `run_id`.
+    `publishing.json` says what a folder is being written for until its manifest is there."""
+    for url in store.children(layout.runs()):
+        half = RunFolder(url)
+        if store.exists(half.manifest) or not store.exists(half.file(PUBLISHING)):
+            continue
+        try:
+            if store.read_json(half.file(PUBLISHING)).get("content") != content:
+                continue
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            continue
+        lease = Lease(store, half.file("lease.json"), BUILD_LEASE_S)
+        if lease.acquire():
+            log(f"completing {half.url}: a run of the same config and soups stopped while publishing it")
+            return half, lease
     run = layout.run(run_id)
+    lease = Lease(store, run.file("lease.json"), BUILD_LEASE_S)
+    if not lease.acquire():
+        raise StorageError(f"{run.url}: another process is publishing run {run_id}")
+    store.write_json(run.file(PUBLISHING), {"content": content, "run_id": run_id})
+    return run, lease
+
+
+def write_run_folder(config: RunConfig, recipe: Recipe, store: Store, layout: Layout, run: RunFolder,
+                     pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
+                     evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], start: list[EvaluationRecord],
+                     stop: SweepStop | None) -> dict[str, str]:
+    run_id = run.url.rsplit("/", 1)[1]
     val_accuracy = val_accuracies(evaluations)
     best = max(metas, key=lambda m: val_accuracy[m.id]).id
     rows = result_rows(metas, evaluations, soup_records, best, start)
@@ -83,7 +129,6 @@ def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, met
     if hf_folder := export_pretrained(store, run, recipe, state, manifest.model_dump(mode="json")):
         paths["hf"] = hf_folder
     manifest.write(store, run.manifest)  # last: a run folder is published once its manifest is there, and complete
-    log(f"published {run.url}")
     return {"run": run.url, "soup": run.soup, **paths}
 
 

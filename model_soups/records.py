@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model_soups.config import RecipeConfig, StorageConfig
-from model_soups.storage import StorageError, StorageUnavailable, Store
+from model_soups.storage import Lease, StorageError, StorageUnavailable, Store
 
+BUILD_LEASE_S = 60.0  # a build (pretrained start, evaluation, soup) whose lease is not renewed for this long is dead
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's lease, or has just finished it
+LEASE_POLL_S = 1.0  # how often a process waiting for another's build looks for its record
 logger = logging.getLogger(__name__)
 STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
 
@@ -40,24 +43,54 @@ R = TypeVar("R", bound=Record)
 
 
 def reuse_or_build(store: Store, url: str, kind: type[R], verify: Callable[[R], None], build: Callable[[], R],
-                   what: str, discard: Callable[[], None] = lambda: None) -> R:
+                   what: str, discard: Callable[[], None] = lambda: None, lease_s: float | None = None) -> R:
     """The record stored at `url` (marked `reused`) if it reads and `verify` passes; else `discard()` what is
     there and `build()`.
 
     `verify` raises a StorageError to refuse a record (a checkpoint that fails its sha256, say). Storage that
     does not answer is not a reason to rebuild: that error goes up, and a re-run resumes.
+
+    With `lease_s`, the build holds a lease beside the record (`<name>.lease`), so that what two runs on one
+    root both need (the pretrained start, an evaluation, a soup) is made once: the second waits for the first's
+    record and reuses it, and builds it itself only if the first failed or died (its lease went stale).
     """
-    if store.exists(url):
-        try:
-            record = kind.read(store, url)
-            verify(record)
-            return record.model_copy(update={"reused": True})
-        except StorageUnavailable:
-            raise
-        except StorageError as error:
+    waiting, said = False, set()
+    while True:
+        record = stored_record(store, url, kind, verify, what, discard, said)
+        if record is not None:
+            return record
+        if lease_s is None:
+            return build()
+        lease = Lease(store, f"{url.rsplit('.', 1)[0]}.lease", lease_s)
+        if lease.acquire():
+            try:  # it may have been finished between the look above and the lease
+                record = stored_record(store, url, kind, verify, what, discard, said)
+                return record if record is not None else build()
+            finally:
+                lease.release()
+        if not waiting:
+            logger.info(f"{what}: being made by another process; waiting for its result")
+            waiting = True
+        time.sleep(LEASE_POLL_S)
+
+
+def stored_record(store: Store, url: str, kind: type[R], verify: Callable[[R], None], what: str,
+                  discard: Callable[[], None], said: set[str]) -> R | None:
+    """The record at `url` if it reads and verifies; else None, with a warning for each new reason (in `said`)."""
+    if not store.exists(url):
+        return None
+    try:
+        record = kind.read(store, url)
+        verify(record)
+        return record.model_copy(update={"reused": True})
+    except StorageUnavailable:
+        raise
+    except StorageError as error:
+        if str(error) not in said:
+            said.add(str(error))
             logger.warning(f"{what}: {error}; making it again")
-            discard()
-    return build()
+        discard()
+        return None
 
 
 class PretrainedRecord(Record):
@@ -148,6 +181,7 @@ class SoupRecord(Record):
     seconds: float = 0.0
     batchnorm: str = ""
     metrics: dict[str, Metrics]
+    logits_sha256: dict[str, str] = Field(default_factory=dict)  # per split, of soups/<key>/<split>.npz
 
 
 class SweepTrial(BaseModel):

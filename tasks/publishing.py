@@ -22,6 +22,7 @@ def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[Ingredi
     recipe = get_recipe(config.recipe.name, config.recipe.options)
     paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id, start,
                                get_run_logger().info, stop)
+    run_id = paths["run"].rsplit("/", 1)[1]  # another run's, when this run completed its half-published folder
     store, _ = open_storage(config)
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
     create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),

@@ -197,7 +197,7 @@ def test_the_default_outage_budget_rides_out_90_seconds_with_bounded_waits():
 def test_unwritable_local_root_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(StorageError, match="is not writable"):
+    with pytest.raises(StorageError, match=r"cannot be written: writing \S+/exp/\.probe-\w+ failed \(NotADirectoryError"):
         Store(StorageConfig(root=f"file://{blocker}/root")).check_writable("exp")
 
 

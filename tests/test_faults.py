@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from prefect import get_client
 
 from flows.model_soup import model_soup
 from model_soups.config import parse_config
@@ -111,7 +113,7 @@ def test_a_full_disk_fails_the_run_as_storage_blames_no_ingredient_leaves_no_par
             assert path.stat().st_mtime_ns == mtime, path
 
 
-def test_a_run_that_cannot_finish_publishing_is_never_listed_as_published_and_the_rerun_publishes_it_whole(
+def test_a_run_that_cannot_finish_publishing_is_never_listed_as_published_and_the_rerun_completes_that_folder(
         prefect_server, tmp_path, capsys):
     import resource
 
@@ -129,13 +131,67 @@ def test_a_run_that_cannot_finish_publishing_is_never_listed_as_published_and_th
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     (half,) = (root / "half" / "runs").iterdir()
     assert (half / "soup.safetensors").is_file() and not (half / "manifest.json").exists()  # the manifest comes last
-    assert main(["runs", "half", "--root", str(root)]) == 1  # not listed
+    assert not (half / "lease.json").exists()  # the failed publish let go of its folder
+    assert main(["runs", "half", "--root", str(root)]) == 1  # not listed, but named as not published
+    assert f"not (yet) published (no manifest.json): {half.name}" in capsys.readouterr().err
     assert main(["report", str(half)]) == 2 and "not a published run folder" in capsys.readouterr().err
     trained = {p: p.stat().st_mtime_ns for p in (root / "half" / "ingredients").rglob("*.safetensors")}
 
-    paths = model_soup(config=config)
+    state = model_soup(config=config, return_state=True)
+    paths = state.result()
+    assert paths["run"] == f"file://{half}"  # the same config's rerun completes the half folder, not a new one
+    with get_client(sync_client=True) as client:  # and its flow run takes the folder's name
+        assert client.read_flow_run(state.state_details.flow_run_id).name == f"half-{half.name}"
+    assert [p.name for p in (root / "half" / "runs").iterdir()] == [half.name]
     assert all(run_file(paths, name).is_file() for name in ("manifest.json", "report.html", "figures/id_vs_ood.png"))
+    assert not (half / "publishing.json").exists() and not (half / "lease.json").exists()
+    assert json.loads((half / "manifest.json").read_text())["run_id"] == half.name
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in trained.items())  # nothing trained again
     capsys.readouterr()
     assert main(["runs", "half", "--root", str(root)]) == 0
-    assert capsys.readouterr().out.count("| greedy |") == 1  # the complete run only
+    listed = capsys.readouterr()
+    assert listed.out.count("| greedy |") == 1 and "not (yet) published" not in listed.err
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A file system of its own, to be remounted read-only: tests run as root, and root ignores permission bits."""
+    import subprocess
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): it needs root, as CI has")
+    try:
+        yield mount, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_root_is_a_storage_error_naming_the_cause_and_loses_nothing(read_only_mount, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+    from model_soups.config import StorageConfig
+    from model_soups.storage import StorageUnavailable, Store
+
+    mount, make_read_only = read_only_mount
+    store = Store(StorageConfig(root=f"file://{mount}"))
+    kept = store.url("exp", "record.json")
+    store.write_json(kept, {"kept": True})
+    make_read_only()
+    cannot = r"cannot be written: {} file://\S+ failed \(OSError: Read-only file system\)\. Nothing stored is lost"
+    with pytest.raises(StorageUnavailable, match=cannot.format("writing")):
+        store.write_json(store.url("exp", "other.json"), {})
+    with pytest.raises(StorageUnavailable, match=cannot.format("creating")):
+        store.create_exclusive(store.url("exp", "ingredients", "a", "lease.json"), b"{}")
+    with pytest.raises(StorageUnavailable, match=r"cannot be written: deleting"):
+        store.delete(kept)
+    assert store.read_json(kept) == {"kept": True} and [p.name for p in mount.rglob("*")] == ["exp", "record.json"]
+
+    config = tmp_path / "config.yaml"  # the CLI refuses it in its preflight, before any run starts: one line, no trace
+    config.write_text(yaml.safe_dump(small_digits(f"file://{mount}", experiment="exp")))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^soup: storage file://{mount} {cannot.format('writing')}", err, re.M) and "Traceback" not in err

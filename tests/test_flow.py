@@ -232,16 +232,23 @@ def test_interrupted_upload_is_detected_and_the_ingredient_trained_again(first_r
 
 def test_a_flipped_byte_in_stored_logits_is_found_named_in_a_warning_and_the_evaluation_made_again(first_run, root,
                                                                                                   caplog):
+    """An ingredient's evaluation, and a soup's own logits (kept for paired comparisons)."""
     config, paths = first_run
-    victim = sorted((root / "flow" / "evals").glob("[0-9a-f]*/val.npz"))[0]
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
+    victims = [sorted((root / "flow" / "evals").glob("[0-9a-f]*/val.npz"))[0],
+               root / "flow" / "soups" / manifest["soups"]["greedy"]["record"].split("/")[-2] / "test.npz"]
+    for victim in victims:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
     before = pd.read_csv(local(paths["run"]) / "results.csv")
     with caplog.at_level("WARNING", logger="model_soups"):
         again = model_soup(config=config)
-    (said,) = [r.message for r in caplog.records if str(victim) in r.message]
-    assert "is not the" in said and "recorded with it (changed or damaged)" in said and said.endswith("making it again")
+    for victim in victims:
+        (said,) = [r.message for r in caplog.records if str(victim) in r.message]
+        assert "is not the" in said and "recorded with it (changed or damaged)" in said and said.endswith("making it again")
+    remade = json.loads((local(again["run"]) / "manifest.json").read_text())
+    assert remade["soups"]["greedy"]["sha256"] == manifest["soups"]["greedy"]["sha256"]  # the same soup, cooked again
     after = pd.read_csv(local(again["run"]) / "results.csv")
     changed = before.merge(after, on=["model", "kind", "split"], suffixes=("", "_after")).query("accuracy != accuracy_after")
     assert changed.empty, changed[["model", "kind", "split", "accuracy", "accuracy_after"]]  # the same logits again

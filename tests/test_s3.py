@@ -184,3 +184,68 @@ def test_s3_down_at_the_start_fails_in_the_preflight_before_any_training(prefect
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert len(runs) == 1 and runs[0].name.startswith("prepare")  # no fine-tune was started
+
+
+def test_a_checkpoint_read_cut_off_mid_file_resumes_where_it_stopped_and_still_verifies(s3_endpoint, flaky_endpoint,
+                                                                                       caplog):
+    import torch
+
+    from model_soups.config import StorageConfig
+    from model_soups.storage import CHUNK, Store
+
+    endpoint, server, restart = flaky_endpoint
+    store = Store(StorageConfig(root="s3://flaky-bucket/midfile", endpoint_url=endpoint, outage_s=60))
+    state = {f"layer{i}": torch.randn(2 * CHUNK // 4) for i in range(3)}  # 8 MB each: several ranged reads apiece
+    url = store.url("model.safetensors")
+    sha = store.save_checkpoint(url, state)
+    with caplog.at_level("WARNING", logger="model_soups"), store.open_checkpoint(url, sha) as reader:
+        assert torch.equal(reader.tensor("layer0"), state["layer0"])
+        server.stop()  # the endpoint goes away between two reads of one file
+        threading.Timer(3, restart).start()
+        rest = {name: reader.tensor(name).clone() for name in ("layer1", "layer2")}
+    # the `with` verified the sha256 over every byte, the first tensor's included: nothing was read twice or skipped
+    assert all(torch.equal(rest[name], state[name]) for name in rest)
+    assert any(f"does not answer: reading {url} failed" in record.message for record in caplog.records)
+
+
+def test_a_frozen_endpoint_is_a_failed_try_after_storage_request_timeout_s_and_is_waited_out(s3_endpoint, tmp_path,
+                                                                                            caplog):
+    """SIGSTOP: the endpoint still accepts connections but answers nothing. Each try gives up after
+    storage.request_timeout_s, the wait is logged, and the call goes through once the endpoint thaws."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from model_soups.config import StorageConfig
+    from model_soups.storage import Store
+    from tests.conftest import free_port
+
+    port = free_port()
+    moto = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("frozen-bucket")
+        store = Store(StorageConfig(root="s3://frozen-bucket/x", endpoint_url=endpoint, request_timeout_s=1,
+                                    outage_s=60))
+        url = store.url("record.json")
+        store.write_json(url, {"ok": 1})
+        moto.send_signal(signal.SIGSTOP)
+        threading.Timer(5, moto.send_signal, [signal.SIGCONT]).start()
+        with caplog.at_level("WARNING", logger="model_soups"):
+            assert store.read_json(url) == {"ok": 1}
+        waits = [r.message for r in caplog.records if "does not answer" in r.message]
+        assert waits and f"reading {url} failed" in waits[0]
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        moto.terminate()
+        moto.wait(timeout=10)

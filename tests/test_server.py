@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from model_soups.config import StorageConfig
+from model_soups.config import RunConfig, StorageConfig
 from model_soups.storage import Store
 from tests.conftest import free_port, small_digits
 
@@ -122,7 +123,9 @@ def test_run_survives_the_prefect_api_going_away_and_loses_nothing(server, tmp_p
     assert {name: path.stat().st_mtime_ns for name, path in completed_metas(root).items()} == before  # all reused
 
 
-def test_two_runs_of_one_experiment_at_once_train_each_ingredient_once(server, tmp_path):
+def test_two_runs_of_one_experiment_at_once_make_everything_once(server, tmp_path):
+    """Each ingredient, the pretrained start, each evaluation and each soup is made by one run; the other waits for it
+    under its lease and reuses it."""
     root = tmp_path / "storage"
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(small_digits(f"file://{root}", experiment="twice", n=4, max_steps=[60])))
@@ -135,13 +138,21 @@ def test_two_runs_of_one_experiment_at_once_train_each_ingredient_once(server, t
         trained = sum(output.count(f"ingredient {ingredient_id}: trained") for output in outputs)
         reused = sum(output.count(f"ingredient {ingredient_id}: reused") for output in outputs)
         assert (trained, reused) == (1, 1), (ingredient_id, outputs)
+    made = "\n".join(outputs)
+    assert len(re.findall(r"pretrained \S+: built in", made)) == 1, outputs
+    for ingredient_id in stored:
+        assert len(re.findall(rf"ingredient {ingredient_id} on val: accuracy", made)) == 1, (ingredient_id, outputs)
+    for method in RunConfig().soup.methods:
+        cooked = re.findall(rf"(?<![\w-]){method} soup [0-9a-f]+: \d+ ingredients, val", made)
+        reused = re.findall(rf"(?<![\w-]){method} soup [0-9a-f]+: reused", made)
+        assert (len(cooked), len(reused)) == (1, 1), (method, outputs)
     store = Store(StorageConfig(root=f"file://{root}"))
     for path in stored.values():
         meta = json.loads(path.read_text())
         assert store.sha256(meta["checkpoint"]) == meta["sha256"]
     manifests = [json.loads(p.read_text()) for p in (root / "twice" / "runs").glob("*/manifest.json")]
     assert len(manifests) == 2 and manifests[0]["soups"]["greedy"] == manifests[1]["soups"]["greedy"]  # one soup
-    assert not list(root.rglob("*.partial-*")) and not list(root.rglob("lease.json"))
+    assert not list(root.rglob("*.partial-*")) and not list(root.rglob("lease.json")) and not list(root.rglob("*.lease"))
 
 
 def test_a_soup_run_from_the_cli_shows_up_in_make_ui(tmp_path):

@@ -11,18 +11,19 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from model_soups.storage.errors import TRANSIENT, CorruptCheckpoint
+from model_soups.storage.errors import CorruptCheckpoint
 
 if TYPE_CHECKING:
     from model_soups.storage.store import Store
 
 CHUNK = 4 * 1024 * 1024
+T = TypeVar("T")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -56,10 +57,10 @@ class CheckpointReader:
         # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.
         # One read front to back gets large blocks.
         cache = {} if store.protocol == "file" else {"cache_type": "readahead" if sequential else "none"}
+        self._open = lambda: store.fs.open(store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache)
         try:
             self.size = store.retrying("opening", url, lambda: store.fs.size(store.path(url)))
-            self.handle = store.retrying("opening", url, lambda: store.fs.open(
-                store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache))
+            self.handle = store.retrying("opening", url, self._open)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
         self.digest = hashlib.sha256()
@@ -97,11 +98,25 @@ class CheckpointReader:
             info[name] = TensorInfo(dtype, shape, begin, end)
         return dict(sorted(info.items(), key=lambda item: item[1].begin))
 
+    def _resuming(self, read: Callable[[], T]) -> T:
+        """One read from where the handle stands. If the endpoint fails mid-file, the outage is waited out like any
+        storage call (each wait logged, up to storage.outage_s), and the read resumes at the same byte in a fresh
+        handle: what was read and hashed before stays good."""
+        offset, again = self.handle.tell(), False
+
+        def attempt() -> T:
+            nonlocal again
+            if again:
+                self.handle.close()
+                self.handle = self._open()
+                self.handle.seek(offset)
+            again = True
+            return read()
+
+        return self.store.retrying("reading", self.url, attempt)
+
     def _read_hashed(self, n: int) -> bytes:
-        try:
-            data = self.handle.read(n)
-        except TRANSIENT as error:  # mid-file no retry (the read position is lost): the step fails, a re-run resumes
-            raise self.store.unavailable("reading", self.url, error) from None
+        data = self._resuming(lambda: self.handle.read(n))
         if self.expected_sha is not None:  # hashing costs ~1.7 GB/s per core: only when there is a sum to check
             self.digest.update(data)
         return data
@@ -128,10 +143,7 @@ class CheckpointReader:
         view = memoryview(raw.numpy())
         filled = 0
         while filled < len(view):
-            try:
-                n = self.handle.readinto(view[filled:])
-            except TRANSIENT as error:
-                raise self.store.unavailable("reading", self.url, error) from None
+            n = self._resuming(lambda: self.handle.readinto(view[filled:]))
             if not n:
                 raise CorruptCheckpoint(f"checkpoint {self.url}: truncated inside tensor {name!r}")
             filled += n

@@ -49,8 +49,11 @@ class Layout:
         """A soup-aware sweep's round: its proposals, then what each added to the greedy soup."""
         return self.store.url(self.experiment, "sweeps", sweep, f"round-{index:03d}.json")
 
+    def runs(self) -> str:
+        return self.store.url(self.experiment, "runs")
+
     def run(self, run_id: str) -> "RunFolder":
-        return RunFolder(self.store.url(self.experiment, "runs", run_id))
+        return RunFolder(f"{self.runs()}/{run_id}")
 
 
 class RunFolder:

@@ -46,7 +46,7 @@ class Store:
         if self.root.startswith("s3://"):
             # One retry layer, `retrying` below, whose backoff and message are ours: botocore and s3fs try once.
             # SigV4 everywhere, presigned links included (botocore would otherwise presign with the legacy SigV2).
-            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"total_max_attempts": 1},
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": config.request_timeout_s, "retries": {"total_max_attempts": 1},
                                          "signature_version": "s3v4"}}
             endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
@@ -206,7 +206,9 @@ class Store:
         if self.exists(url):
             try:
                 self.retrying("deleting", url, lambda: self.fs.rm(path, recursive=True))
-            except PermissionError as error:  # a read-only local root
+            except FileNotFoundError:  # deleted meanwhile by another process
+                pass
+            except OSError as error:  # a read-only root, or no permission
                 raise self.unwritable("deleting", url, error) from None
 
     def copy(self, source: str, target: str) -> None:
@@ -242,7 +244,10 @@ class Store:
                         progress(len(chunk))
             return digest.hexdigest()
 
-        return self.retrying("reading", url, read)
+        try:
+            return self.retrying("reading", url, read)  # a read cut off mid-file starts that file again
+        except FileNotFoundError:
+            raise StorageError(f"{url}: not found") from None
 
     def check_writable(self, experiment: str) -> None:
         """Fail in seconds, before any training, if the root cannot be written: a dead endpoint is named as such,
@@ -258,6 +263,8 @@ class Store:
                     f"storage root {self.root}: the endpoint {self.endpoint} does not answer ({dead}). Start it, or "
                     "fix storage.endpoint_url / AWS_ENDPOINT_URL; credentials are checked once it answers."
                 ) from None
+            if isinstance(error, StorageUnavailable) and self.protocol == "file":
+                raise error from None  # it names the path, the cause (read-only, full, not a folder) and what to do
             raise StorageError(
                 f"storage root {self.where()} is not writable: {type(error).__name__}: {error}. "
                 "Check the URL, that the bucket exists, the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) "
