@@ -24,7 +24,7 @@ import torch
 from model_soups.config import StorageConfig
 from model_soups.evaluate import predict
 from model_soups.merge import Ingredient, weighted_average
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.storage import CHUNK, Layout, Store
 
 GOOD = ["loved", "enjoyed", "adored", "liked", "admired", "praised"]

@@ -91,10 +91,15 @@ LEARNED_CHILD = r"""
 import json, sys, time
 code, mode, root, width, steps, per_step, urls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7:]
 sys.path.insert(0, code)  # this checkout, or a worktree of an earlier commit
+import torch
 import torch.nn.functional as F
+from model_soups import soups
 from model_soups.config import SoupOptions, StorageConfig
 from model_soups.merge import Ingredient
-from model_soups.recipes import get_recipe
+try:
+    from model_soups.recipes.base import get_recipe
+except ImportError:  # before recipes/base.py
+    from model_soups.recipes import get_recipe
 from model_soups.soups import SoupContext, learned_soup
 from model_soups.storage import Store
 assert learned_soup.__code__.co_filename.startswith(code), learned_soup.__code__.co_filename
@@ -103,18 +108,23 @@ recipe = get_recipe("digits", {"width": width})
 ingredients = [Ingredient(f"m{i}", url) for i, url in enumerate(urls)]
 with store.open_checkpoint(urls[0]) as reader:
     reference = reader.info
-if "learned" in SoupOptions.model_fields:
-    options = SoupOptions(learned={"steps": steps, "models_per_step": per_step})
-else:  # before: the common options learned_steps and learned_granularity
-    options = SoupOptions(learned_steps=steps)
-ctx = SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reference, options, None, recipe.build_model(),
-                  recipe.load_split("val"), eval_batch_size=32)
+common = (store, ingredients, {i.id: 0.5 for i in ingredients}, reference)
+rest = dict(model=recipe.build_model(), val=recipe.load_split("val"), eval_batch_size=32, score=None)
+if hasattr(soups, "COOKS"):  # a method's body receives its own options
+    from model_soups.methods import LearnedOptions
+    ctx = SoupContext(*common, accumulate=torch.float32, rule=">=", **rest)
+    cook = lambda: learned_soup(ctx, LearnedOptions(steps=steps, models_per_step=per_step))
+else:  # before: methods read theirs from the soup options in the context
+    options = SoupOptions(learned={"steps": steps, "models_per_step": per_step}) if "learned" in \
+        SoupOptions.model_fields else SoupOptions(learned_steps=steps)  # before that: common options learned_steps
+    ctx = SoupContext(*common, options=options, **rest)
+    cook = lambda: learned_soup(ctx)
 print("ready", flush=True); sys.stdin.readline()
 started = time.time()
 if mode == "step":  # the floor: one forward and backward pass of the model on one val batch, nothing else
     F.cross_entropy(ctx.model.eval()(**ctx.val.batch(slice(0, 32))), ctx.val.labels[:32]).backward()
 else:
-    learned_soup(ctx)
+    cook()
 print(json.dumps({"seconds": time.time() - started}), flush=True)
 sys.stdin.readline()
 """

@@ -45,7 +45,7 @@ from flows.model_soup import model_soup  # noqa: E402
 from model_soups.config import parse_config  # noqa: E402
 from model_soups.ingredients import ensure_pretrained, make_plan, open_storage  # noqa: E402
 from model_soups.processes import device_slots  # noqa: E402
-from model_soups.recipes import SplitData, get_recipe  # noqa: E402
+from model_soups.recipes.base import SplitData, get_recipe  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 from model_soups.train import batches  # noqa: E402
 

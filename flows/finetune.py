@@ -6,7 +6,7 @@ from prefect import flow
 
 from model_soups.config import RunConfig
 from model_soups.processes import this_process_slot
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.records import IngredientRecord, PretrainedRecord
 from model_soups.sweep import IngredientSpec
 from tasks.evaluation import evaluate

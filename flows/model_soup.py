@@ -12,7 +12,7 @@ from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import fewest_ingredients, new_run_id, start_as_model, without_duplicates
 from model_soups.records import IngredientRecord
-from model_soups.soups import SOUP_METHODS
+from model_soups.methods import SOUP_METHODS
 from tasks.cooking import cook_soup
 from tasks.evaluation import evaluate
 from tasks.ingredients import fan_out, prepare
@@ -105,8 +105,8 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
 
     # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
     first = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m) for m in config.soup.methods
-             if SOUP_METHODS[m].builds_on is None}
-    then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].builds_on(config.soup)])
+             if SOUP_METHODS[m].base(config.soup) is None}
+    then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].base(config.soup)])
             for m in config.soup.methods if m not in first}
     soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")

@@ -10,11 +10,11 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, create_model,
                       field_validator, model_validator)
 
-from model_soups.recipes import RECIPES, recipe_class
-from model_soups.soups import SOUP_METHODS
+from model_soups.recipes import RECIPES
+from model_soups.methods import SOUP_METHODS
 from model_soups.validation import ConfigError, describe_validation_error
 
-# The soup methods registered in soups.py: the allowed values here, in YAML, `--set` flags and the Prefect form.
+# The soup methods declared in methods.py: the allowed values here, in YAML, `--set` flags and the Prefect form.
 SoupMethodName = Literal[tuple(SOUP_METHODS)]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -77,7 +77,7 @@ class StorageConfig(Strict):
 class CustomRecipe(Strict):
     """Your own Recipe subclass, named by its import path."""
 
-    name: str = Field(description="'package.module:Class' of a model_soups.recipes.Recipe subclass")
+    name: str = Field(description="'package.module:Class' of a model_soups.recipes.base.Recipe subclass")
     options: dict[str, Any] = Field(default_factory=dict, description="that recipe's options")
 
     @field_validator("name")
@@ -95,9 +95,9 @@ def _recipe_tag(value: Any) -> str:
 
 def _recipe_section(name: str) -> Any:
     """`{name, options}` for one built-in recipe, with that recipe's own options model."""
-    cls = recipe_class(name)
-    section = create_model(f"{name.capitalize()}Recipe", __base__=Strict, __doc__=cls.__doc__,
-                           name=(Literal[name], name), options=(cls.Options, Field(default_factory=cls.Options)))
+    recipe = RECIPES[name]
+    section = create_model(f"{name.capitalize()}Recipe", __base__=Strict, __doc__=recipe.about,
+                           name=(Literal[name], name), options=(recipe.options, Field(default_factory=recipe.options)))
     return Annotated[section, Tag(name)]
 
 
@@ -189,10 +189,9 @@ class SoupCommon(Strict):
     @model_validator(mode="after")
     def _builds_on_a_cooked_soup(self) -> "SoupCommon":
         for name in {*self.methods, self.final}:
-            method = SOUP_METHODS[name]
-            if method.builds_on is None:
+            on, field = SOUP_METHODS[name].base(self), f"{name}.on"
+            if on is None:
                 continue
-            on, field = method.builds_on(self), f"{name}.on"
             independent = [m for m in SOUP_METHODS if SOUP_METHODS[m].builds_on is None]
             if on not in independent:
                 raise ValueError(f"{field}: {on!r} is not a soup it can build on; one of {', '.join(independent)}")
@@ -201,9 +200,9 @@ class SoupCommon(Strict):
         return self
 
 
-# The common options, and one section per soup method that has options (soups.SOUP_METHODS), e.g. `soup.ties`.
+# The common options, and one section per soup method that has options (methods.SOUP_METHODS), e.g. `soup.ties`.
 SoupOptions = create_model("SoupOptions", __base__=SoupCommon, **{
-    m.name: (m.options, Field(default_factory=m.options, description=(m.cook.__doc__ or "").split("\n")[0]))
+    m.name: (m.options, Field(default_factory=m.options, description=m.about))
     for m in SOUP_METHODS.values() if m.options is not None})
 
 

@@ -14,7 +14,8 @@ from model_soups.config import RunConfig
 from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
 from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
-from model_soups.recipes import Recipe, SplitData, stable_hash
+from model_soups.methods import SOUP_METHODS
+from model_soups.recipes.base import Recipe, SplitData, stable_hash
 from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, IngredientRecord, PretrainedRecord, SoupRecord,
                                  reuse_or_build)
 from model_soups.storage import Layout, StorageError, Store
@@ -34,7 +35,7 @@ def soup_key(config: RunConfig, pretrained: PretrainedRecord, metas: list[Ingred
              val_accuracy: dict[str, float], method: str, base: SoupRecord | None = None) -> str:
     """A soup is determined by its method, the common soup options, its own options, its ingredients and the soup
     it builds on: that is its storage key. Another method's options do not change it."""
-    sections = {name for name, m in soups.SOUP_METHODS.items() if m.options is not None}
+    sections = {name for name, m in SOUP_METHODS.items() if m.options is not None}
     options = config.soup.model_dump(exclude={"methods", "final", "ensembles", *sections})
     if method in sections:
         options[method] = getattr(config.soup, method).model_dump()
@@ -55,7 +56,7 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
               val_accuracy: dict[str, float], method: str, log: Log, base: SoupRecord | None = None) -> SoupRecord:
     """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused. A method
     that builds on another soup (`SoupMethod.builds_on`) is given that soup's record as `base`."""
-    if (soups.SOUP_METHODS[method].builds_on is not None) != (base is not None):
+    if (SOUP_METHODS[method].builds_on is not None) != (base is not None):
         raise ValueError(f"the {method} soup is cooked with the record of the soup it builds on, and only it")
     store, layout = open_storage(config)
     key = soup_key(config, pretrained, metas, val_accuracy, method, base)
@@ -84,8 +85,8 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
           base: SoupRecord | None) -> SoupRecord:
     ctx, scorer = context(config, store, recipe, pretrained, metas, val_accuracy, f"{method} soup", log, base)
     started = time.time()
-    soup = soups.SOUP_METHODS[method].cook(ctx)
-    state = soups.soup_state(store, soup, ctx.pretrained, ctx.reference, soups.ACCUMULATE[config.soup.accumulate])
+    soup = soups.cook(method, ctx, config.soup)
+    state = soups.soup_state(store, soup, ctx.pretrained, ctx.reference, ctx.accumulate)
     batchnorm = scorer.as_published(state, soup.members)
     model = scorer.model
     model.eval()
@@ -96,7 +97,7 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
     evaluated = {split: evaluate_and_store(store, layout.soup_logits(key, split), model, recipe.dataset(split),
                                            recipe.eval_batch_size) for split in recipe.splits()}
     split_metrics = {split: result for split, (result, _) in evaluated.items()}
-    record = SoupRecord(method=method, kind=soups.SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
+    record = SoupRecord(method=method, kind=SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
                         task=soup.task.describe() if soup.task else None,
                         candidate_evaluations=scorer.evaluations, candidate_seconds=round(scorer.seconds, 4),
@@ -148,7 +149,8 @@ def context(config: RunConfig, store: Store, recipe: Recipe, pretrained: Pretrai
     scorer = Scorer(config, recipe, what, log)
     ranked = soups.rank(ingredients_of(metas), val_accuracy)
     by_id = {i.id: i for i in ranked}
-    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, config.soup, scorer, scorer.model, scorer.val,
+    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, soups.ACCUMULATE[config.soup.accumulate],
+                            config.soup.rule, scorer, scorer.model, scorer.val,
                             recipe.eval_batch_size, pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
                             base=[by_id[i] for i in base.ingredients] if base else None, device=evaluation_device())
     return ctx, scorer
@@ -162,8 +164,7 @@ def greedy_gains(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord
     store, _ = open_storage(config)
     ctx, scorer = context(config, store, recipe, pretrained, members, val_accuracy, "sweep", log)
     soup = soups.greedy_soup(ctx)
-    accumulate = soups.ACCUMULATE[config.soup.accumulate]
-    total = merge.weighted_sum(store, soup.ingredients, None, accumulate, ctx.reference)
+    total = merge.weighted_sum(store, soup.ingredients, None, ctx.accumulate, ctx.reference)
     size = len(soup.ingredients)
     soup_val = scorer({name: merge.mean_of(value, float(size), ctx.reference[name].dtype) for name, value in total.items()}, size)
     soup_nll, gains = scorer.nll, {}

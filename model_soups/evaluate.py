@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.special import log_softmax
 
-from model_soups.recipes import Recipe, SplitData, logits_of
+from model_soups.recipes.base import Recipe, SplitData, logits_of
 from model_soups.records import BUILD_LEASE_S, EvaluationRecord, IngredientRecord, Metrics, reuse_or_build
 from model_soups.storage import Layout, StorageError, Store
 

@@ -19,11 +19,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from model_soups.soups import SOUP_METHODS  # noqa: E402
+from model_soups.methods import SOUP_METHODS  # noqa: E402
 
 REFERENCES = {"pretrained": "#000000", "best_individual": "#555555"}
+SOUPS = {"uniform": "#1f77b4", "greedy": "#d62728", "learned": "#9467bd", "wiseft": "#ffd700", "wiseft_best": "#aec7e8",
+         "task_arithmetic": "#bcbd22", "ties": "#e377c2", "dare": "#8c564b", "dare_ties": "#ff7f0e",
+         "model_stock": "#1b9e77"}  # one per method in methods.SOUP_METHODS: COLORS below fails on import without it
 ENSEMBLES = {"ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
-COLORS = {**REFERENCES, **{m.kind: m.color for m in SOUP_METHODS.values()}, **ENSEMBLES}
+COLORS = {**REFERENCES, **{m.kind: SOUPS[m.name] for m in SOUP_METHODS.values()}, **ENSEMBLES}
 METHOD_KINDS = list(COLORS)
 FAMILIES = {"start and best fine-tune": list(REFERENCES)}
 for _method in SOUP_METHODS.values():

@@ -12,10 +12,10 @@ from typing import Callable
 from model_soups import merge
 from model_soups.config import ConfigError, RunConfig
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
-from model_soups.recipes import Recipe, get_recipe
+from model_soups.recipes.base import Recipe, get_recipe
 from model_soups.records import (BUILD_LEASE_S, FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord,
                                  reuse_or_build)
-from model_soups.soups import SOUP_METHODS
+from model_soups.methods import SOUP_METHODS
 from model_soups.storage import CorruptCheckpoint, Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.sweep import IngredientSpec, expand
 

@@ -15,7 +15,7 @@ from model_soups.config import RunConfig
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
 from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
-from model_soups.recipes import Recipe, stable_hash
+from model_soups.recipes.base import Recipe, stable_hash
 from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
                                  ManifestIngredient, ManifestSoup, PretrainedRecord, SoupRecord, SweepStop)
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store

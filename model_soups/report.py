@@ -19,7 +19,7 @@ from markdown_it import MarkdownIt
 from model_soups.figures import (METHOD_KINDS, figure_cosines, figure_greedy, figure_id_vs_ood, figure_searches,
                                  figure_splits)
 from model_soups.records import SweepStop
-from model_soups.soups import SOUP_METHODS
+from model_soups.methods import SOUP_METHODS
 from model_soups.storage import RunFolder, Store
 
 COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]

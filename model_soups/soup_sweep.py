@@ -24,7 +24,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from model_soups.config import Range, RunConfig
-from model_soups.recipes import Recipe, stable_hash
+from model_soups.recipes.base import Recipe, stable_hash
 from model_soups.records import SweepRound, SweepTrial
 from model_soups.sweep import IngredientSpec, ingredient_id, search_space, short, validate_hparams
 

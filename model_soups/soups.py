@@ -1,9 +1,10 @@
-"""Soup methods (one registry), ensembles from stored logits, and the best individual.
+"""The soup methods' bodies (one `@soup_method` function per method declared in methods.py), ensembles from stored
+logits, and the best individual.
 
-Every soup method returns a `Soup`: which ingredients, with which weights (global or per tensor), applied by
-the streamed `merge.weighted_average`; or, for the task-vector methods (WiSE-FT, task arithmetic, TIES, DARE),
-which ingredients and which `TaskMerge` of their deltas from the pretrained start (`task_vectors`). A method
-with options declares them as a pydantic model: they become its section of the config's `soup`.
+Every soup method receives a `SoupContext` and its own options, and returns a `Soup`: which ingredients, with
+which weights (global or per tensor), applied by the streamed `merge.weighted_average`; or, for the task-vector
+methods (WiSE-FT, task arithmetic, TIES, DARE, Model Stock), which ingredients and which `TaskMerge` of their
+deltas from the pretrained start (`task_vectors`).
 """
 
 from __future__ import annotations
@@ -12,22 +13,21 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Container, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Container, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from scipy.special import log_softmax
 
 from model_soups import task_vectors
+from model_soups.config import SoupOptions
 from model_soups.merge import Ingredient, mean_of, on_local_disk, weighted_average, weighted_sum
-from model_soups.recipes import SplitData, logits_of
+from model_soups.methods import (SOUP_METHODS, DareOptions, DareTiesOptions, LearnedOptions, TaskArithmeticOptions,
+                                 TiesOptions, WiseFTBestOptions, WiseFTOptions)
+from model_soups.recipes.base import SplitData, logits_of
 from model_soups.storage import Store, TensorInfo
 from model_soups.task_vectors import TaskMerge
-
-if TYPE_CHECKING:  # the config takes its list of soup methods from this module's registry
-    from model_soups.config import SoupOptions
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 
@@ -55,7 +55,8 @@ class SoupContext:
     ranked: list[Ingredient]
     val_accuracy: Mapping[str, float]
     reference: Mapping[str, TensorInfo]
-    options: SoupOptions
+    accumulate: torch.dtype  # of running sums (soup.accumulate)
+    rule: str  # soup.rule: a greedy soup takes an ingredient when val is >= (or >) the soup's so far
     score: Callable[[dict[str, torch.Tensor], int], float]  # val accuracy of a soup of k ingredients, as published
     model: torch.nn.Module
     val: SplitData
@@ -65,91 +66,23 @@ class SoupContext:
     device: str = "cpu"  # where the learned soup fits its weights
 
 
-class MethodOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+Cook = Callable[[SoupContext, Any], Soup]  # a method's body: what every method may use, and its own options
+COOKS: dict[str, Cook] = {}
 
 
-def _values(value: Any) -> Any:
-    if isinstance(value, list) and not value:
-        raise ValueError("empty: give one value (fixed) or several (chosen on val)")
-    return [value] if isinstance(value, (int, float)) else value
-
-
-def _grid(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    """A list of values chosen among on val, each in its range; one number fixes the value."""
-    bounds = {"gt" if low_open else "ge": low, "lt" if high_open else "le": high}
-    return Annotated[list[Annotated[float, Field(allow_inf_nan=False, **bounds)]], BeforeValidator(_values)]
-
-
-Alphas, Scales, TopK, Drops = _grid(0, 1), _grid(0, 10, low_open=True), _grid(0, 100, low_open=True), _grid(0, 1, high_open=True)
-ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-SUM_SCALES = [0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0]  # lambda on a sum of N deltas: 1/N is the uniform soup
-MEAN_SCALES = [0.5, 0.8, 1.0, 1.2, 1.5, 1.8]  # lambda on TIES's disjoint mean: 1 keeps the mean's magnitude
-
-
-class WiseFTOptions(MethodOptions):
-    on: str = Field("greedy", description="the soup interpolated with the pretrained start: one of soup.methods")
-    alpha: Alphas = Field(default_factory=lambda: list(ALPHAS), description="alpha in (1-alpha)*theta_0 + alpha*theta_soup, "
-                          "chosen on val among these (one value fixes it); 0 is the pretrained start, 1 the soup")
-
-
-class WiseFTBestOptions(MethodOptions):
-    alpha: Alphas = Field(default_factory=lambda: list(ALPHAS), description="alpha in (1-alpha)*theta_0 + "
-                          "alpha*theta_best, chosen on val among these (one value fixes it)")
-
-
-class TaskArithmeticOptions(MethodOptions):
-    scale: Scales = Field(default_factory=lambda: list(SUM_SCALES), description="lambda in theta_0 + lambda * "
-                          "sum_i (theta_i - theta_0), in (0, 10], chosen on val among these (one value fixes it)")
-
-
-class TiesOptions(MethodOptions):
-    top_k: TopK = Field([10.0, 20.0, 50.0], description="% of each delta's entries kept by magnitude (per tensor), in "
-                        "(0, 100], chosen on val among these")
-    scale: Scales = Field(default_factory=lambda: list(MEAN_SCALES), description="lambda on the disjoint mean, in (0, 10], "
-                          "chosen on val among these")
-
-
-class DareOptions(MethodOptions):
-    drop: Drops = Field([0.5, 0.9], description="probability p that a delta entry is dropped (the rest are rescaled by "
-                        "1/(1-p)), in [0, 1), chosen on val among these")
-    scale: Scales = Field(default_factory=lambda: list(SUM_SCALES), description="lambda on the sum of the dropped and "
-                          "rescaled deltas, as in task arithmetic, chosen on val among these")
-    seed: int = Field(0, description="seed of the drop masks (one per ingredient and tensor)")
-
-
-class DareTiesOptions(DareOptions):
-    scale: Scales = Field(default_factory=lambda: list(MEAN_SCALES), description="lambda on the disjoint mean of the "
-                          "dropped and rescaled deltas, as in TIES, chosen on val among these")
-
-
-@dataclass(frozen=True)
-class SoupMethod:
-    name: str
-    cook: Callable[[SoupContext], Soup]
-    color: str  # in the report's figures
-    options: type[MethodOptions] | None = None  # its section `soup.<name>` of the config
-    builds_on: Callable[[SoupOptions], str] | None = None  # the method whose soup it needs (cooked first)
-    min_ingredients: int = 1  # a run that cooks it with fewer is refused before any training
-    family: str = "weight average"  # the report groups methods by it
-
-    @property
-    def kind(self) -> str:
-        """Its `kind` in results.csv."""
-        return f"{self.name}_soup"
-
-
-# The one registry: the config's allowed methods, results.csv's kinds and the report's colours all come from it.
-SOUP_METHODS: dict[str, SoupMethod] = {}
-
-
-def soup_method(name: str, color: str, options: type[MethodOptions] | None = None,
-                builds_on: Callable[[SoupOptions], str] | None = None, min_ingredients: int = 1,
-                family: str = "weight average"):
-    def register(cook: Callable[[SoupContext], Soup]) -> Callable[[SoupContext], Soup]:
-        SOUP_METHODS[name] = SoupMethod(name, cook, color, options, builds_on, min_ingredients, family)
+def soup_method(name: str):
+    def register(cook: Cook) -> Cook:
+        if name not in SOUP_METHODS:
+            raise ValueError(f"soup method {name!r} is not declared in model_soups/methods.py")
+        COOKS[name] = cook
         return cook
     return register
+
+
+def cook(method: str, ctx: SoupContext, soup_options: SoupOptions) -> Soup:
+    """One method's soup, its body given its own section of `soup_options` (None for a method without options)."""
+    declared = SOUP_METHODS[method]
+    return COOKS[method](ctx, getattr(soup_options, method) if declared.options is not None else None)
 
 
 def accepts(score: float, best: float, rule: str) -> bool:
@@ -160,21 +93,20 @@ def rank(ingredients: Sequence[Ingredient], val_accuracy: Mapping[str, float]) -
     return sorted(ingredients, key=lambda i: -val_accuracy[i.id])  # stable: ties keep sweep order
 
 
-@soup_method("uniform", color="#1f77b4")
-def uniform_soup(ctx: SoupContext) -> Soup:
+@soup_method("uniform")
+def uniform_soup(ctx: SoupContext, o: None = None) -> Soup:
     return Soup("uniform", list(ctx.ranked), [1.0] * len(ctx.ranked))
 
 
-@soup_method("greedy", color="#d62728")
-def greedy_soup(ctx: SoupContext) -> Soup:
+@soup_method("greedy")
+def greedy_soup(ctx: SoupContext, o: None = None) -> Soup:
     """Recipe 1 of the paper: add the next-best ingredient if val accuracy does not drop. N-1 evaluations."""
-    accumulate = ACCUMULATE[ctx.options.accumulate]
     best, *rest = ctx.ranked
-    chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, accumulate, ctx.reference), ctx.val_accuracy[best.id]
+    chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, ctx.accumulate, ctx.reference), ctx.val_accuracy[best.id]
     trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
     for ingredient in rest:
         candidate, score = with_one_more(ctx, total, len(chosen), ingredient)
-        accepted = accepts(score, best_score, ctx.options.rule)
+        accepted = accepts(score, best_score, ctx.rule)
         if accepted:
             chosen, total, best_score = chosen + [ingredient], candidate, score
         trajectory.append({"ingredient": ingredient.id, "individual_val": ctx.val_accuracy[ingredient.id],
@@ -185,22 +117,13 @@ def greedy_soup(ctx: SoupContext) -> Soup:
 def with_one_more(ctx: SoupContext, total: Mapping[str, torch.Tensor], size: int,
                   ingredient: Ingredient) -> tuple[dict[str, torch.Tensor], float]:
     """A running sum of `size` ingredients with one more added, and the val score of that average."""
-    candidate = weighted_sum(ctx.store, [ingredient], None, ACCUMULATE[ctx.options.accumulate], ctx.reference, onto=total)
+    candidate = weighted_sum(ctx.store, [ingredient], None, ctx.accumulate, ctx.reference, onto=total)
     average = {name: mean_of(value, float(size + 1), ctx.reference[name].dtype) for name, value in candidate.items()}
     return candidate, ctx.score(average, size + 1)
 
 
-class LearnedOptions(MethodOptions):
-    steps: int = Field(100, ge=0, description="Adam steps, each on one batch of val examples")
-    granularity: Literal["global", "per-layer"] = Field("per-layer", description="one softmax of mixing weights per "
-                                                        "tensor, or one for the whole model")
-    models_per_step: int = Field(4, ge=1, description="ingredients whose weights one step updates, drawn at random "
-                                 "(MEHL-Soup's batch of models); the others keep theirs. N or more: all, every step")
-    lr: float = Field(0.05, gt=0, description="Adam's learning rate on the weights' logits")
-
-
-@soup_method("learned", color="#9467bd", options=LearnedOptions)
-def learned_soup(ctx: SoupContext) -> Soup:
+@soup_method("learned")
+def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
     """Mixing weights (a softmax per tensor, or one global) fitted on val by Adam, a few ingredients per step.
 
     The gradient of the loss in the weight of ingredient i is a projection, w_i * <dL/dtheta, theta_i - theta> per
@@ -211,7 +134,7 @@ def learned_soup(ctx: SoupContext) -> Soup:
     Memory is the model plus one tensor's gradient and one read tensor, whatever N; with models_per_step >= N
     every step is the full gradient.
     """
-    o, n = ctx.options.learned, len(ctx.ranked)
+    n = len(ctx.ranked)
     model = ctx.model.to(ctx.device).eval()
     state = model.state_dict(keep_vars=True)
     tensors = {name: t for name, t in state.items() if t.is_floating_point()}
@@ -319,7 +242,7 @@ class SubsetAdam:
 def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges: list[TaskMerge]) -> Soup:
     """Score every candidate merge on val and keep the best (the first of equals, in the order given). Candidates
     that differ only in `scale` share one pass over the checkpoints; each costs one evaluation."""
-    accumulate = ACCUMULATE[ctx.options.accumulate]
+    accumulate = ctx.accumulate
     theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
     trajectory, best = [], None
     for shape, group in groupby(merges, key=lambda m: replace(m, scale=1.0)):
@@ -335,50 +258,39 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
     return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
 
 
-@soup_method("wiseft", color="#ffd700", options=WiseFTOptions, builds_on=lambda options: options.wiseft.on,
-             family="task-vector merge")
-def wiseft_soup(ctx: SoupContext) -> Soup:
-    """WiSE-FT (Wortsman et al., CVPR 2022) of a soup: (1-alpha)*theta_0 + alpha*theta_soup, alpha chosen on val."""
-    return search(ctx, "wiseft", ctx.base, [TaskMerge("mean", a) for a in ctx.options.wiseft.alpha])
+@soup_method("wiseft")
+def wiseft_soup(ctx: SoupContext, o: WiseFTOptions) -> Soup:
+    return search(ctx, "wiseft", ctx.base, [TaskMerge("mean", a) for a in o.alpha])
 
 
-@soup_method("wiseft_best", color="#aec7e8", options=WiseFTBestOptions, family="task-vector merge")
-def wiseft_best(ctx: SoupContext) -> Soup:
-    """WiSE-FT of the best individual fine-tune."""
-    return search(ctx, "wiseft_best", ctx.ranked[:1], [TaskMerge("mean", a) for a in ctx.options.wiseft_best.alpha])
+@soup_method("wiseft_best")
+def wiseft_best(ctx: SoupContext, o: WiseFTBestOptions) -> Soup:
+    return search(ctx, "wiseft_best", ctx.ranked[:1], [TaskMerge("mean", a) for a in o.alpha])
 
 
-@soup_method("task_arithmetic", color="#bcbd22", options=TaskArithmeticOptions, family="task-vector merge")
-def task_arithmetic(ctx: SoupContext) -> Soup:
-    """Task arithmetic (Ilharco et al., ICLR 2023): theta_0 + lambda * sum of the deltas, lambda chosen on val."""
-    return search(ctx, "task_arithmetic", ctx.ranked, [TaskMerge("sum", x) for x in ctx.options.task_arithmetic.scale])
+@soup_method("task_arithmetic")
+def task_arithmetic(ctx: SoupContext, o: TaskArithmeticOptions) -> Soup:
+    return search(ctx, "task_arithmetic", ctx.ranked, [TaskMerge("sum", x) for x in o.scale])
 
 
-@soup_method("ties", color="#e377c2", options=TiesOptions, family="task-vector merge")
-def ties(ctx: SoupContext) -> Soup:
-    """TIES-merging: trim each delta to its top-k%, elect signs, disjoint mean; k and lambda chosen on val."""
-    o = ctx.options.ties
+@soup_method("ties")
+def ties(ctx: SoupContext, o: TiesOptions) -> Soup:
     return search(ctx, "ties", ctx.ranked, [TaskMerge("ties", x, top_k=k) for k in o.top_k for x in o.scale])
 
 
-@soup_method("dare", color="#8c564b", options=DareOptions, family="task-vector merge")
-def dare(ctx: SoupContext) -> Soup:
-    """DARE with the linear merge: drop and rescale every delta, then task arithmetic; p and lambda chosen on val."""
-    o = ctx.options.dare
+@soup_method("dare")
+def dare(ctx: SoupContext, o: DareOptions) -> Soup:
     return search(ctx, "dare", ctx.ranked, [TaskMerge("sum", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
 
 
-@soup_method("dare_ties", color="#ff7f0e", options=DareTiesOptions, family="task-vector merge")
-def dare_ties(ctx: SoupContext) -> Soup:
-    """DARE with the TIES merge: drop and rescale every delta, elect signs, disjoint mean."""
-    o = ctx.options.dare_ties
+@soup_method("dare_ties")
+def dare_ties(ctx: SoupContext, o: DareTiesOptions) -> Soup:
     return search(ctx, "dare_ties", ctx.ranked, [TaskMerge("ties", x, drop=p, seed=o.seed) for p in o.drop for x in o.scale])
 
 
-@soup_method("model_stock", color="#1b9e77", min_ingredients=2)
-def model_stock(ctx: SoupContext) -> Soup:
-    """Model Stock (Jang et al., ECCV 2024): per tensor theta_0 + t * mean delta, t from the deltas' angle; no val."""
-    merge, stock, accumulate = TaskMerge("model_stock"), {}, ACCUMULATE[ctx.options.accumulate]
+@soup_method("model_stock")
+def model_stock(ctx: SoupContext, o: None = None) -> Soup:
+    merge, stock, accumulate = TaskMerge("model_stock"), {}, ctx.accumulate
     theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
     task_vectors.task_vector(ctx.store, theta0, ctx.ranked, merge, accumulate, ctx.reference, stock)
     trajectory = [{"tensor": name, "cosine": cosine, "t": t} for name, (cosine, t) in stock.items()]

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_soups.config import ConfigError, Range, SearchSpace, StopRule, describe_validation_error
-from model_soups.recipes import Recipe, stable_hash
+from model_soups.recipes.base import Recipe, stable_hash
 from model_soups.records import StopRound
 from model_soups.storage import as_url
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model_soups.ingredients import has_result
-from model_soups.recipes import Hyperparameters, Recipe, get_recipe, logits_of
+from model_soups.recipes.base import Hyperparameters, Recipe, get_recipe, logits_of
 from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, FinetuneJob, IngredientRecord
 from model_soups.storage import Layout, Lease, Store, StorageUnavailable
 

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from model_soups import cooking
 from model_soups.config import RunConfig
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.records import IngredientRecord, PretrainedRecord, SoupRecord
 from tasks import QUIET
 

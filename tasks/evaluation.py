@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from model_soups.config import RunConfig
 from model_soups.evaluate import evaluate_ingredient
 from model_soups.ingredients import open_storage
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.records import EvaluationRecord, IngredientRecord
 from tasks import QUIET
 

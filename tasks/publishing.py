@@ -8,7 +8,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from model_soups import publishing, report
 from model_soups.config import RunConfig
 from model_soups.ingredients import open_storage
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord, SoupRecord,
                                  SweepStop)
 from tasks import QUIET, artifact_key

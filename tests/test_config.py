@@ -6,7 +6,7 @@ import pytest
 
 from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
 from model_soups.ingredients import make_plan
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.storage import StorageError, Store
 from model_soups.sweep import expand
 
@@ -205,3 +205,29 @@ def test_the_learned_soups_old_options_are_refused_with_their_new_place():
     with pytest.raises(ConfigError, match=r"learned_steps moved into the learned soup's own section: write "
                                           r"learned: \{steps: \.\.\.\} under soup"):
         parse_config({"soup": {"learned_steps": 5}})
+
+
+def test_parsing_a_config_imports_neither_torch_nor_s3fs(tmp_path):
+    """Config is plain data: the soup methods' and built-in recipes' declarations, with their options, are read
+    without the maths (a YAML file checks in a fraction of a second, and a tool can read one without torch)."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    config.write_text("recipe: {name: text, options: {max_length: 64}}\nsoup: {methods: [greedy, ties, wiseft]}\n")
+    script = ("import sys; from model_soups.config import load_config; c = load_config(sys.argv[1]);"
+              "assert c.soup.ties.top_k and c.recipe.options.max_length == 64;"
+              "print(sorted(m for m in ('torch', 's3fs', 'fsspec', 'scipy', 'numpy', 'pandas', 'transformers') "
+              "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_every_declared_soup_method_has_one_body_and_a_colour():
+    from model_soups.figures import SOUPS
+    from model_soups.methods import SOUP_METHODS
+    from model_soups.soups import COOKS, soup_method
+
+    assert list(COOKS) == list(SOUP_METHODS) and set(SOUPS) == set(SOUP_METHODS)
+    with pytest.raises(ValueError, match="soup method 'fancy' is not declared in model_soups/methods.py"):
+        soup_method("fancy")(lambda ctx, options: None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_soups.evaluate import metrics
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.recipes.digits import Digits
 from model_soups.soups import recompute_batchnorm
 

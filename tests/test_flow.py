@@ -20,7 +20,7 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.model_soup import TooFewIngredients, model_soup
 from model_soups.config import ConfigError, StorageConfig, parse_config
-from model_soups.soups import SOUP_METHODS
+from model_soups.methods import SOUP_METHODS
 from model_soups.storage import Store
 from tests.conftest import small_digits
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from model_soups.config import ConfigError, RunConfig, SearchSpace, StorageConfig, load_config, parse_config
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 from model_soups.storage import Layout, Store
 from model_soups.sweep import expand
 

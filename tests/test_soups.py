@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from model_soups.config import SoupOptions, StorageConfig
+from model_soups.config import StorageConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient, weighted_average
-from model_soups.recipes import get_recipe
+from model_soups.methods import LearnedOptions
+from model_soups.recipes.base import get_recipe
 from model_soups.recipes.digits import DigitsNet
 from model_soups.soups import SoupContext, ensemble_logits, greedy_ensemble, greedy_soup, learned_soup, rank
 from model_soups.storage import Store
@@ -38,7 +39,7 @@ def greedy_with(store, values, score_of_mean, rule):
     val = {i.id: score_of_mean(float(v)) for i, v in zip(ingredients, values)}
     with store.open_checkpoint(ingredients[0].url) as reader:
         reference = reader.info
-    ctx = SoupContext(store, rank(ingredients, val), val, reference, SoupOptions(rule=rule),
+    ctx = SoupContext(store, rank(ingredients, val), val, reference, torch.float32, rule,
                       lambda state, size: score_of_mean(float(state["w"][0])), model=None, val=None)
     soup = greedy_soup(ctx)
     return [i.id for i in soup.ingredients], soup
@@ -93,7 +94,7 @@ def test_greedy_costs_exactly_n_minus_one_evaluations(store):
     ingredients = scalar_ingredients(store, values)
     val = {i.id: -abs(v - 3) for i, v in zip(ingredients, values)}
     with store.open_checkpoint(ingredients[0].url) as reader:
-        ctx = SoupContext(store, rank(ingredients, val), val, reader.info, SoupOptions(),
+        ctx = SoupContext(store, rank(ingredients, val), val, reader.info, torch.float32, ">=",
                           lambda s, size: calls.append(1) or -abs(float(s["w"][0]) - 3), None, None)
     greedy_soup(ctx)
     assert len(calls) == len(values) - 1
@@ -111,10 +112,9 @@ def learned_setup(store, n, norm="group", steps=3, **learned):
         ingredients.append(Ingredient(f"m{i}", url, store.save_checkpoint(url, state)))
     with store.open_checkpoint(ingredients[0].url) as reader:
         reference = reader.info
-    options = SoupOptions(learned={"steps": steps, **learned})
     model = recipe.build_model()
-    return SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reference, options, None, model,
-                       recipe.load_split("val"), eval_batch_size=64), recipe
+    return SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reference, torch.float32, ">=", None, model,
+                       recipe.load_split("val"), eval_batch_size=64), recipe, LearnedOptions(steps=steps, **learned)
 
 
 def stacked_learned_weights(ctx, steps, granularity="per-layer"):
@@ -147,8 +147,8 @@ def stacked_learned_weights(ctx, steps, granularity="per-layer"):
 @pytest.mark.parametrize("granularity", ["per-layer", "global"])
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_learned_soup_with_every_ingredient_per_step_is_the_full_gradient_of_the_stacked_soup(store, granularity, norm):
-    ctx, _ = learned_setup(store, 3, norm=norm, steps=6, granularity=granularity, models_per_step=3)
-    soup = learned_soup(ctx)
+    ctx, _, options = learned_setup(store, 3, norm=norm, steps=6, granularity=granularity, models_per_step=3)
+    soup = learned_soup(ctx, options)
     expected = stacked_learned_weights(ctx, 6, granularity)
     for name, weights in expected.items():
         assert soup.weights[name] == pytest.approx(weights, abs=2e-5), name
@@ -159,8 +159,8 @@ def test_learned_soup_with_every_ingredient_per_step_is_the_full_gradient_of_the
 def test_learned_soup_on_a_batch_of_models_keeps_its_mix_equal_to_the_weights_it_returns(any_store):
     """Two of five ingredients per step: the mix updated in place is the weighted average of the weights returned,
     the weights sum to one per tensor, and every ingredient was drawn at some step."""
-    ctx, recipe = learned_setup(any_store, 5, norm="batch", steps=8, models_per_step=2)
-    soup = learned_soup(ctx)
+    ctx, recipe, options = learned_setup(any_store, 5, norm="batch", steps=8, models_per_step=2)
+    soup = learned_soup(ctx, options)
     published = weighted_average(any_store, ctx.ranked, soup.weights, torch.float64, ctx.reference)
     for name, value in ctx.model.state_dict().items():
         assert torch.allclose(value.double(), published[name].double(), atol=1e-5), name
@@ -171,18 +171,18 @@ def test_learned_soup_on_a_batch_of_models_keeps_its_mix_equal_to_the_weights_it
 
 
 def test_learned_soup_of_zero_steps_is_the_uniform_soup(store):
-    ctx, _ = learned_setup(store, 3, steps=0)
-    soup = learned_soup(ctx)
+    ctx, _, options = learned_setup(store, 3, steps=0)
+    soup = learned_soup(ctx, options)
     assert all(w == pytest.approx([1 / 3] * 3) for name, w in soup.weights.items() if name != "num_batches_tracked")
 
 
 def test_learned_soup_reads_only_the_drawn_ingredients_at_each_step(store):
     """Nothing is held across steps: the uniform start reads every ingredient once, then each step opens its
     models_per_step ingredients twice (to project the gradient, then to update the mix), whatever N is."""
-    ctx, _ = learned_setup(store, 6, steps=4, models_per_step=2)
+    ctx, _, options = learned_setup(store, 6, steps=4, models_per_step=2)
     opened, open_checkpoint = [], store.open_checkpoint
     store.open_checkpoint = lambda url, *args, **kwargs: opened.append(url) or open_checkpoint(url, *args, **kwargs)
-    learned_soup(ctx)
+    learned_soup(ctx, options)
     assert opened[:6] == [i.url for i in ctx.ranked]
     steps = [opened[6 + 4 * s: 10 + 4 * s] for s in range(4)]
     assert len(opened) == 6 + 4 * 4

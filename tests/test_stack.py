@@ -14,7 +14,7 @@ import httpx
 import pytest
 import s3fs
 
-from model_soups.soups import SOUP_METHODS
+from model_soups.methods import SOUP_METHODS
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model_soups.config import ConfigError, SoupOptions, parse_config
+from model_soups.config import ConfigError, parse_config
 from model_soups.merge import CheckpointMismatch, Ingredient, NonFiniteCheckpoint
+from model_soups.methods import TaskArithmeticOptions, TiesOptions, WiseFTBestOptions, WiseFTOptions
 from model_soups.soups import SoupContext, search, soup_state, task_arithmetic, ties, wiseft_best, wiseft_soup
 from model_soups.storage import CorruptCheckpoint
 from model_soups.task_vectors import TaskMerge, apply, dare_keep, start, task_vector
@@ -128,7 +129,7 @@ def test_float16_checkpoints_are_merged_in_the_accumulation_dtype_and_written_ba
     np.testing.assert_allclose(soup[name].double().numpy(), expected, rtol=2e-3, atol=2e-3)
 
 
-def scalar_context(store, start: float, values: list[float], score_of_weight, **options) -> SoupContext:
+def scalar_context(store, start: float, values: list[float], score_of_weight) -> SoupContext:
     """A context whose soups are one scalar weight, scored by a function of it."""
     pretrained = Ingredient("start", store.url("start.safetensors"))
     pretrained = Ingredient("start", pretrained.url, store.save_checkpoint(pretrained.url, {"w": torch.tensor([start])}))
@@ -139,14 +140,14 @@ def scalar_context(store, start: float, values: list[float], score_of_weight, **
     with store.open_checkpoint(pretrained.url) as reader:
         reference = reader.info
     return SoupContext(store, ingredients, {i.id: score_of_weight(v) for i, v in zip(ingredients, values)}, reference,
-                       SoupOptions.model_validate(options), lambda state, n: score_of_weight(float(state["w"][0])),
+                       torch.float32, ">=", lambda state, n: score_of_weight(float(state["w"][0])),
                        model=None, val=None, pretrained=pretrained, base=ingredients[:2])
 
 
 def test_wiseft_chooses_alpha_on_val_and_publishes_exactly_what_it_scored(store):
     # start 0, the soup it builds on (i0, i1) averages 3: val peaks at weight 1.8, alpha = 0.6
     ctx = scalar_context(store, 0.0, [2.0, 4.0, 9.0], lambda w: -abs(w - 1.8))
-    soup = wiseft_soup(ctx)
+    soup = wiseft_soup(ctx, WiseFTOptions())
     assert soup.task == TaskMerge("mean", 0.6) and [i.id for i in soup.ingredients] == ["i0", "i1"]
     assert len(soup.trajectory) == 11 and [t["scale"] for t in soup.trajectory if t["chosen"]] == [0.6]
     published = soup_state(store, soup, ctx.pretrained, ctx.reference, torch.float32)
@@ -154,17 +155,17 @@ def test_wiseft_chooses_alpha_on_val_and_publishes_exactly_what_it_scored(store)
 
 
 def test_wiseft_best_and_fixed_values(store):
-    ctx = scalar_context(store, 0.0, [2.0, 4.0], lambda w: -abs(w - 1.0), wiseft_best={"alpha": 0.25})
-    soup = wiseft_best(ctx)
+    ctx = scalar_context(store, 0.0, [2.0, 4.0], lambda w: -abs(w - 1.0))
+    soup = wiseft_best(ctx, WiseFTBestOptions(alpha=0.25))
     assert soup.task == TaskMerge("mean", 0.25) and [i.id for i in soup.ingredients] == ["i0"]
     assert soup.trajectory == [{"combine": "mean", "scale": 0.25, "soup_val": -0.5, "chosen": True}]
 
 
 def test_task_arithmetic_and_ties_choose_lambda_and_k_on_val(store):
     ctx = scalar_context(store, 1.0, [2.0, 3.0, 5.0], lambda w: -abs(w - 2.4))  # sum of deltas 7: lambda 0.2 gives 2.4
-    assert task_arithmetic(ctx).task == TaskMerge("sum", 0.2)
+    assert task_arithmetic(ctx, TaskArithmeticOptions()).task == TaskMerge("sum", 0.2)
     # one entry per tensor: every k keeps it, so TIES is the mean of the deltas (7/3), and lambda 0.5 gives 2.17 (0.8: 2.87)
-    soup = ties(ctx)
+    soup = ties(ctx, TiesOptions())
     assert soup.task == TaskMerge("ties", 0.5, top_k=10.0) and len(soup.trajectory) == 18
 
 

@@ -16,7 +16,7 @@ from flows.model_soup import model_soup
 from model_soups import train
 from model_soups.config import ConfigError, parse_config
 from model_soups.evaluate import predict
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 
 GOOD = ["loved", "enjoyed", "adored", "liked", "admired"]
 BAD = ["hated", "disliked", "loathed", "despised", "regretted"]

@@ -10,7 +10,7 @@ import torch
 
 from model_soups.evaluate import predict
 from model_soups.processes import device_slots
-from model_soups.recipes import get_recipe
+from model_soups.recipes.base import get_recipe
 
 
 @pytest.fixture(scope="module")

@@ -1,182 +1,28 @@
-"""Recipes: a model, its data and training defaults. One registry; users add theirs by dotted path."""
+"""Recipes: a model, its data and training defaults. One registry; users add theirs by dotted path.
+
+This module is the registry, plain data that the config reads without importing torch: each built-in recipe's
+'package.module:Class' path and its options. `base` has what every recipe is, and finds one by name or path.
+"""
 
 from __future__ import annotations
 
-import abc
-import hashlib
-import importlib
-import json
-import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 
-from model_soups.validation import ConfigError, describe_validation_error
-
-# Built-in recipes by short name. Every recipe is a 'package.module:Class' path: bring your own the same way.
-RECIPES = {"digits": "model_soups.recipes.digits:Digits", "text": "model_soups.recipes.text:Text"}
+from model_soups.recipes.options import DigitsOptions, TextOptions
 
 
-class Hyperparameters(BaseModel):
-    """What one fine-tune is allowed to vary; a recipe may subclass it to add its own."""
-
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-3, gt=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    epochs: int = Field(4, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1)
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mixup: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixup; 0 turns it off")
-    augment: float = Field(0.0, ge=0, le=4, description="augmentation strength; 0 turns it off")
-    seed: int = 0
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (short smoke runs)")
+@dataclass(frozen=True)
+class BuiltInRecipe:
+    path: str  # 'package.module:Class': bring your own recipe the same way
+    options: type[BaseModel]  # its `recipe.options`
+    about: str  # one line, shown with its options in the config's form
 
 
-@dataclass
-class SplitData:
-    """One split as tensors whose first dimension is the example: model inputs (keyword args) and labels.
-
-    Sequences carry `lengths` (real tokens, right-padded to the split's longest): a batch is then cut to its
-    own longest sequence, as `DataCollatorWithPadding` pads per batch.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    lengths: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        if self.lengths is None:
-            return {name: value[index] for name, value in self.inputs.items()}
-        longest = int(self.lengths[index].max())
-        return {name: value[index, :longest] for name, value in self.inputs.items()}
-
-    def subset(self, index: torch.Tensor) -> "SplitData":
-        return SplitData({name: value[index] for name, value in self.inputs.items()}, self.labels[index],
-                         None if self.lengths is None else self.lengths[index])
-
-
-class Recipe(abc.ABC):
-    """Base of every recipe. A model is called as `model(**inputs)` and returns logits (or `.logits`)."""
-
-    name: ClassVar[str]
-    Options: ClassVar[type[BaseModel]]
-    Hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
-    default_search: ClassVar[dict[str, Any]] = {}
-    supports_mixup: ClassVar[bool] = True
-    supports_augment: ClassVar[bool] = True
-    eval_batch_size: ClassVar[int] = 256
-
-    def __init__(self, options: dict[str, Any] | None = None):
-        try:
-            self.options = self.Options.model_validate(options or {})
-        except ValidationError as error:
-            raise ConfigError(
-                describe_validation_error(error, self.Options, f"invalid recipe.options for {self.name!r}", "recipe.options.")
-            ) from None
-
-    def describe(self) -> dict[str, Any]:
-        return {"recipe": self.name, "options": self.options.model_dump(mode="json")}
-
-    def fingerprint(self) -> str:
-        """Identity of the pretrained start and the data: part of every ingredient id."""
-        return stable_hash({**self.describe(), "data": self.data_fingerprint()})
-
-    @abc.abstractmethod
-    def data_fingerprint(self) -> str:
-        ...
-
-    @abc.abstractmethod
-    def splits(self) -> list[str]:
-        """Evaluation splits: 'val', 'test' and any 'ood:<name>'."""
-
-    @abc.abstractmethod
-    def build_model(self) -> torch.nn.Module:
-        ...
-
-    @abc.abstractmethod
-    def make_pretrained(self) -> dict[str, torch.Tensor]:
-        """The shared starting point of every ingredient, built deterministically."""
-
-    @abc.abstractmethod
-    def load_split(self, split: str) -> SplitData:
-        ...
-
-    def dataset(self, split: str) -> SplitData:
-        """`load_split`, done once per process for the same data and options: every evaluation of a run shares it
-        instead of reading and tokenizing again. Callers must not change the tensors."""
-        key = (self.fingerprint(), split)
-        with _LOADING:
-            if key not in _LOADED:
-                if len(_LOADED) >= 8:
-                    _LOADED.pop(next(iter(_LOADED)))
-                _LOADED[key] = self.load_split(split)
-            return _LOADED[key]
-
-    def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, str] | None:
-        """Write `state` into `folder` as a Hugging Face model folder (`from_pretrained` loads it) and return what
-        its model card's metadata says of it (base_model, license); None when the recipe's model is not a
-        transformers model."""
-        return None
-
-    def augment(self, inputs: dict[str, torch.Tensor], strength: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return inputs
-
-    @property
-    def group_by_length(self) -> bool:
-        """Training batches of similar lengths (for sequences); part of the options, so of every ingredient id."""
-        return False
-
-    def check_split(self, split: str) -> None:
-        if split != "train" and split not in self.splits():
-            raise ConfigError(f"recipe {self.name!r} has no split {split!r}; splits: train, {', '.join(self.splits())}")
-
-
-_LOADED: dict[tuple[str, str], SplitData] = {}
-_LOADING = threading.Lock()
-
-
-def recipe_class(name: str) -> type[Recipe]:
-    """A built-in recipe by name, or any Recipe subclass by its 'package.module:Class' path."""
-    path = RECIPES.get(name, name)
-    if ":" not in path:
-        raise ConfigError(f"unknown recipe {name!r}; registered: {', '.join(RECIPES)}, or 'package.module:Class'")
-    module_name, _, class_name = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"recipe {name!r}: cannot import ({error}); expected 'package.module:Class'") from None
-    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
-        raise ConfigError(f"recipe {name!r}: {class_name} is not a model_soups.recipes.Recipe subclass")
-    return cls
-
-
-def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
-    return recipe_class(name)(options)
-
-
-def fit_linear_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> None:
-    """The LP of LP-FT: fit `head` on frozen features, from where it stands (full batch, L-BFGS, a little L2)."""
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(features), labels) + 1e-3 * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-
-
-def stable_hash(value: Any, length: int = 16) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
+RECIPES = {
+    "digits": BuiltInRecipe("model_soups.recipes.digits:Digits", DigitsOptions, "The embedded default: scikit-learn's "
+                            "handwritten digits, from a start pretrained on printed digits."),
+    "text": BuiltInRecipe("model_soups.recipes.text:Text", TextOptions, "A transformers encoder (all-MiniLM-L6-v2 by "
+                          "default) fine-tuned on your CSV, TSV or parquet files."),
+}

@@ -25,37 +25,21 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from torch import nn
 
+from model_soups.recipes.base import Recipe, SplitData, fit_linear_probe, stable_hash
+from model_soups.recipes.options import OOD_SHIFTS, DigitsOptions
 from model_soups.validation import ConfigError
-from model_soups.recipes import Recipe, SplitData, fit_linear_probe, stable_hash
 
-OOD_SHIFTS = ("rotate", "noise", "thick")
 FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
          "DejaVuSansMono-Bold", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
          "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta",
          "cmr10", "cmss10", "cmtt10", "cmb10", "cmti10", "cmmi10")
-
-
-class DigitsOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    val_size: int = Field(600, ge=10, description="held out from train, used only to choose")
-    test_size: int = Field(500, ge=10)
-    ood: list[str] = Field(list(OOD_SHIFTS), description=f"distribution shifts, from {', '.join(OOD_SHIFTS)}")
-    pretrain_examples: int = Field(20000, ge=100, description="printed digits rendered for pretraining")
-    pretrain_epochs: int = Field(6, ge=1)
-    head: Literal["linear-probe", "zero-shot"] = Field(
-        "linear-probe", description="the start's head: refitted on handwritten train features (LP-FT), or the printed-digit one")
-    norm: Literal["group", "batch"] = Field("group", description="GroupNorm averages as it is; BatchNorm needs soup.recompute_bn")
-    width: int = Field(64, ge=4, description="channels of the first conv layer; wider nets average better")
-    split_seed: int = 0
 
 
 class DigitsNet(nn.Module):

@@ -8,18 +8,8 @@ import io
 
 import fsspec
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
 
 from model_soups.validation import ConfigError
-
-
-class SplitColumns(BaseModel):
-    """The columns of one split's file, where they differ from text_column / label_column / text_pair_column."""
-
-    model_config = ConfigDict(extra="forbid")
-    text: str | int | None = None
-    label: str | int | None = None
-    text_pair: str | int | None = None
 
 
 def read_file(url: str, split: str) -> bytes:

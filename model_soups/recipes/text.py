@@ -23,40 +23,16 @@ import re
 import shutil
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model_soups.recipes import Recipe, SplitData, fit_linear_probe, stable_hash
-from model_soups.recipes.tables import SplitColumns, read_file, read_table
+from model_soups.recipes.base import Recipe, SplitData, fit_linear_probe, stable_hash
+from model_soups.recipes.options import TextOptions
+from model_soups.recipes.tables import read_file, read_table
 from model_soups.validation import ConfigError
-
-
-class TextOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="local folder or hub id; default: the packaged all-MiniLM-L6-v2")
-    train: str | None = Field(None, description="URL of the training file (csv, tsv, parquet)")
-    test: str | None = Field(None, description="URL of the in-distribution test file")
-    ood: dict[str, str] = Field(default_factory=dict, description="shift name -> URL")
-    header: bool = Field(True, description="CSV/TSV files start with a header row; false: name columns by index (0, 1...)")
-    text_column: str | int = "text"
-    text_pair_column: str | int | None = Field(None, description="second sentence for pair tasks")
-    label_column: str | int = "label"
-    columns: dict[str, SplitColumns] = Field(
-        default_factory=dict, description="per split (train, test, ood:<name>), columns named otherwise than above")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_train_examples: int | None = Field(None, ge=2, description="subsample train (before val is held out)")
-    max_length: int = Field(128, ge=8, le=4096)
-    pooling: Literal["mean", "cls"] = Field("mean", description="mean over real tokens (as sentence-transformers "
-                                            "trained MiniLM), or the model's own [CLS] pooler and head")
-    head: Literal["linear-probe", "random"] = Field("linear-probe", description="the start's head: fitted on frozen "
-                                                   "train features (LP-FT), or drawn with a fixed seed")
-    group_by_length: bool = Field(True, description="training batches of similar lengths, as the transformers Trainer's option")
-    split_seed: int = 0
 
 
 class MeanPoolClassifier(nn.Module):
