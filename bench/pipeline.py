@@ -43,7 +43,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 
 from flows.model_soup import model_soup  # noqa: E402
 from model_soups.config import parse_config  # noqa: E402
-from model_soups.ingredients import ensure_pretrained, make_plan, open_storage  # noqa: E402
+from model_soups.context import RunContext  # noqa: E402
+from model_soups.ingredients import ensure_pretrained  # noqa: E402
 from model_soups.processes import device_slots  # noqa: E402
 from model_soups.recipes.base import SplitData, get_recipe  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
@@ -192,8 +193,7 @@ def overlap_runs(n: int, repeats: int, slots: int) -> list[tuple[dict, dict]]:
     each run everything else is deleted, so both train and evaluate every ingredient afresh."""
     root = "file://" + tempfile.mkdtemp(prefix="soup-overlap-")
     config = parse_config({"storage": {"root": root}, "sweep": {"n": n}})
-    store, layout = open_storage(config)
-    ensure_pretrained(store, layout, make_plan(config), print)
+    ensure_pretrained(RunContext.of(config), print)
     cpu = CpuSampler()
     pairs = []
     for _ in range(repeats):

@@ -40,13 +40,12 @@ def prefect_defaults(environ: dict[str, str], checkout: Path) -> None:
 
 def preflight(config: RunConfig) -> None:
     """Fail in seconds on a bad config or an unusable storage root, before any run starts."""
-    from model_soups.ingredients import make_plan
-    from model_soups.storage import Store
+    from model_soups.context import RunContext
 
-    plan = make_plan(config)
-    Store(config.storage).check_writable(config.experiment)
-    print(f"experiment {config.experiment}: {len(plan.specs)} ingredients of recipe {config.recipe.name!r}, "
-          f"splits {', '.join(plan.splits)}, storage {Store(config.storage).root}")
+    ctx = RunContext.of(config)
+    ctx.store.check_writable(config.experiment)
+    print(f"experiment {config.experiment}: {len(ctx.plan.specs)} ingredients of recipe {config.recipe.name!r}, "
+          f"splits {', '.join(ctx.plan.splits)}, storage {ctx.store.root}")
 
 
 def run(config: RunConfig) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from model_soups.config import RunConfig
+from model_soups.context import RunContext
 from model_soups.processes import this_process_slot
-from model_soups.recipes.base import get_recipe
 from model_soups.records import IngredientRecord, PretrainedRecord
 from model_soups.sweep import IngredientSpec
 from tasks.evaluation import evaluate
@@ -20,8 +20,9 @@ def finetune_ingredient(config: RunConfig, spec: IngredientSpec, pretrained: Pre
     With execution.evaluate_on = finetune-worker it is also evaluated here, on this worker's device, and the
     orchestrating run then finds every evaluation stored.
     """
-    meta = finetune(config, pretrained, spec, this_process_slot())
+    ctx = RunContext.of(config)
+    meta = finetune(ctx, pretrained, spec, this_process_slot())
     if config.execution.evaluate_on == "finetune-worker" and meta.status == "completed":
-        for split in get_recipe(config.recipe.name, config.recipe.options).splits():
-            evaluate(config, meta, split)
+        for split in ctx.plan.splits:
+            evaluate(ctx, meta, split)
     return meta

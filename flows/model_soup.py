@@ -9,8 +9,9 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
+from model_soups.context import RunContext, fewest_ingredients
 from model_soups.cooking import val_accuracies
-from model_soups.ingredients import fewest_ingredients, new_run_id, start_as_model, without_duplicates
+from model_soups.ingredients import new_run_id, start_as_model, without_duplicates
 from model_soups.records import IngredientRecord
 from model_soups.methods import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -57,12 +58,13 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     """Fine-tune a sweep of ingredients, evaluate them, cook the soups and publish the soup and a report."""
     logger = get_run_logger()
     run_id = this_run(config)
-    pretrained, specs, splits = prepare(config)
+    ctx = RunContext.of(config)  # the plan (a bad config fails here, before anything runs) and the storage, made once
+    pretrained, specs, splits = prepare(ctx), ctx.plan.specs, ctx.plan.splits
 
     evaluating: dict[str, list[PrefectFuture]] = {}
 
     def start_evaluations(meta: IngredientRecord) -> None:
-        evaluating[meta.id] = [evaluate.submit(config, meta, split) for split in splits]
+        evaluating[meta.id] = [evaluate.submit(ctx, meta, split) for split in splits]
 
     def val_of(meta: IngredientRecord) -> float:
         if meta.id not in evaluating:
@@ -70,18 +72,18 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
         return evaluating[meta.id][splits.index("val")].result().accuracy
 
     def evaluate_start() -> list[PrefectFuture]:  # the pretrained start: the report's reference point
-        return [evaluate.submit(config, start_as_model(pretrained), split) for split in splits]
+        return [evaluate.submit(ctx, start_as_model(pretrained), split) for split in splits]
 
     # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
     ready = start_evaluations if config.execution.pipeline else lambda meta: None
     start = evaluate_start() if config.execution.pipeline else []
     stop = None
     if config.sweep.stop is not None:  # rounds, until the greedy soup stops gaining
-        metas, failed, stop = stop_early(config, pretrained, specs, THREADS - RESERVED, ready, val_of)
+        metas, failed, stop = stop_early(ctx, pretrained, specs, THREADS - RESERVED, ready, val_of)
     else:
-        metas, failed = fan_out(config, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
+        metas, failed = fan_out(ctx, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
     if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
-        more, left_out = soup_aware(config, pretrained, THREADS - RESERVED, ready, val_of)
+        more, left_out = soup_aware(ctx, pretrained, THREADS - RESERVED, ready, val_of)
         metas, failed = metas + more, failed + left_out
     metas, duplicates = without_duplicates(metas)
     for duplicate in duplicates:
@@ -104,14 +106,13 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     val_accuracy = val_accuracies(evaluations)
 
     # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
-    first = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m) for m in config.soup.methods
+    first = {m: cook_soup.submit(ctx, pretrained, metas, val_accuracy, m) for m in config.soup.methods
              if SOUP_METHODS[m].base(config.soup) is None}
-    then = {m: cook_soup.submit(config, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].base(config.soup)])
+    then = {m: cook_soup.submit(ctx, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].base(config.soup)])
             for m in config.soup.methods if m not in first}
     soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-    paths = publish(config, pretrained, metas, failed, evaluations, soup_records, run_id, [f.result() for f in start],
-                    stop)
+    paths = publish(ctx, pretrained, metas, failed, evaluations, soup_records, run_id, [f.result() for f in start], stop)
     if not paths["run"].endswith(f"/{run_id}"):  # it completed a half-published folder: the run takes its name
         rename(config, paths["run"].rsplit("/", 1)[1])
     if failed:

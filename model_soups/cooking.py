@@ -10,9 +10,9 @@ import torch
 from scipy.special import log_softmax
 
 from model_soups import merge, soups
-from model_soups.config import RunConfig
+from model_soups.config import SoupOptions
+from model_soups.context import RunContext
 from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
-from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
 from model_soups.methods import SOUP_METHODS
 from model_soups.recipes.base import Recipe, SplitData, stable_hash
@@ -31,14 +31,14 @@ def val_accuracies(evaluations: list[EvaluationRecord]) -> dict[str, float]:
     return {e.id: e.accuracy for e in evaluations if e.split == "val"}
 
 
-def soup_key(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+def soup_key(soup_options: SoupOptions, pretrained: PretrainedRecord, metas: list[IngredientRecord],
              val_accuracy: dict[str, float], method: str, base: SoupRecord | None = None) -> str:
     """A soup is determined by its method, the common soup options, its own options, its ingredients and the soup
     it builds on: that is its storage key. Another method's options do not change it."""
     sections = {name for name, m in SOUP_METHODS.items() if m.options is not None}
-    options = config.soup.model_dump(exclude={"methods", "final", "ensembles", *sections})
+    options = soup_options.model_dump(exclude={"methods", "final", "ensembles", *sections})
     if method in sections:
-        options[method] = getattr(config.soup, method).model_dump()
+        options[method] = getattr(soup_options, method).model_dump()
     ingredients = sorted((m.id, m.sha256, val_accuracy[m.id]) for m in metas)
     return stable_hash({"method": method, "options": options, "pretrained": pretrained.sha256, "ingredients": ingredients,
                         **({"base": base.key} if base is not None else {})})
@@ -52,19 +52,19 @@ def batchnorm_subset(recipe: Recipe, examples: int) -> SplitData:
     return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:examples].sort().values)
 
 
-def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-              val_accuracy: dict[str, float], method: str, log: Log, base: SoupRecord | None = None) -> SoupRecord:
+def cook_soup(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], val_accuracy: dict[str, float],
+              method: str, log: Log, base: SoupRecord | None = None) -> SoupRecord:
     """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused. A method
     that builds on another soup (`SoupMethod.builds_on`) is given that soup's record as `base`."""
     if (SOUP_METHODS[method].builds_on is not None) != (base is not None):
         raise ValueError(f"the {method} soup is cooked with the record of the soup it builds on, and only it")
-    store, layout = open_storage(config)
-    key = soup_key(config, pretrained, metas, val_accuracy, method, base)
+    store, layout = ctx.store, ctx.layout
+    key = soup_key(ctx.config.soup, pretrained, metas, val_accuracy, method, base)
 
     def verify(record: SoupRecord) -> None:
         with store.open_checkpoint(record.checkpoint, record.sha256):
             pass
-        for split in recipe.splits():  # its logits, kept for paired comparisons (bench/quality.py)
+        for split in ctx.plan.splits:  # its logits, kept for paired comparisons (bench/quality.py)
             url, recorded = layout.soup_logits(key, split), record.logits_sha256.get(split)
             if recorded is None:
                 raise StorageError(f"{layout.soup_record(key)}: written before soup logits carried a sha256")
@@ -73,20 +73,20 @@ def cook_soup(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, m
                                    "(changed or damaged)")
 
     record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
-                            lambda: _cook(config, store, layout, recipe, pretrained, metas, val_accuracy, method, key, log, base),
+                            lambda: _cook(ctx, pretrained, metas, val_accuracy, method, key, log, base),
                             f"{method} soup {key}", lease_s=BUILD_LEASE_S)
     if record.reused:
         log(f"{method} soup {key}: reused")
     return record
 
 
-def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretrained: PretrainedRecord,
-          metas: list[IngredientRecord], val_accuracy: dict[str, float], method: str, key: str, log: Log,
-          base: SoupRecord | None) -> SoupRecord:
-    ctx, scorer = context(config, store, recipe, pretrained, metas, val_accuracy, f"{method} soup", log, base)
+def _cook(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], val_accuracy: dict[str, float],
+          method: str, key: str, log: Log, base: SoupRecord | None) -> SoupRecord:
+    store, layout, recipe = ctx.store, ctx.layout, ctx.recipe
+    soup_ctx, scorer = soup_context(ctx, pretrained, metas, val_accuracy, f"{method} soup", log, base)
     started = time.time()
-    soup = soups.cook(method, ctx, config.soup)
-    state = soups.soup_state(store, soup, ctx.pretrained, ctx.reference, ctx.accumulate)
+    soup = soups.cook(method, soup_ctx, ctx.config.soup)
+    state = soups.soup_state(store, soup, soup_ctx.pretrained, soup_ctx.reference, soup_ctx.accumulate)
     batchnorm = scorer.as_published(state, soup.members)
     model = scorer.model
     model.eval()
@@ -112,10 +112,11 @@ def _cook(config: RunConfig, store: Store, layout: Layout, recipe: Recipe, pretr
 class Scorer:
     """Val accuracy of a soup's weights, loaded exactly as they are published (`SoupContext.score`)."""
 
-    def __init__(self, config: RunConfig, recipe: Recipe, what: str, log: Log):
+    def __init__(self, recipe: Recipe, soup_options: SoupOptions, what: str, log: Log):
         self.recipe, self.what, self.log = recipe, what, log
         self.val, self.model = recipe.dataset("val"), recipe.build_model()
-        self.batchnorm_data = batchnorm_subset(recipe, config.soup.recompute_bn_examples) if config.soup.recompute_bn else None
+        self.batchnorm_data = (batchnorm_subset(recipe, soup_options.recompute_bn_examples) if soup_options.recompute_bn
+                               else None)
         self.evaluations, self.seconds = 0, 0.0
         self.nll = float("nan")  # of the last soup scored
 
@@ -141,36 +142,38 @@ class Scorer:
         return accuracy
 
 
-def context(config: RunConfig, store: Store, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-            val_accuracy: dict[str, float], what: str, log: Log, base: SoupRecord | None = None) -> tuple[soups.SoupContext, Scorer]:
+def soup_context(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+                 val_accuracy: dict[str, float], what: str, log: Log,
+                 base: SoupRecord | None = None) -> tuple[soups.SoupContext, Scorer]:
     """What a soup method is given, ingredients ranked by val accuracy, and the scorer behind its `score`."""
-    with store.open_checkpoint(pretrained.url) as reader:
+    with ctx.store.open_checkpoint(pretrained.url) as reader:
         reference = reader.info
-    scorer = Scorer(config, recipe, what, log)
+    options = ctx.config.soup
+    scorer = Scorer(ctx.recipe, options, what, log)
     ranked = soups.rank(ingredients_of(metas), val_accuracy)
     by_id = {i.id: i for i in ranked}
-    ctx = soups.SoupContext(store, ranked, val_accuracy, reference, soups.ACCUMULATE[config.soup.accumulate],
-                            config.soup.rule, scorer, scorer.model, scorer.val,
-                            recipe.eval_batch_size, pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
-                            base=[by_id[i] for i in base.ingredients] if base else None, device=evaluation_device())
-    return ctx, scorer
+    soup_ctx = soups.SoupContext(ctx.store, ranked, val_accuracy, reference, soups.ACCUMULATE[options.accumulate],
+                                 options.rule, scorer, scorer.model, scorer.val, ctx.recipe.eval_batch_size,
+                                 pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
+                                 base=[by_id[i] for i in base.ingredients] if base else None, device=evaluation_device())
+    return soup_ctx, scorer
 
 
-def greedy_gains(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, members: list[IngredientRecord],
+def greedy_gains(ctx: RunContext, pretrained: PretrainedRecord, members: list[IngredientRecord],
                  candidates: list[IngredientRecord], val_accuracy: dict[str, float],
                  log: Log) -> tuple[list[str], float, dict[str, float]]:
     """The greedy soup of `members`, its val accuracy, and for each candidate what it gains when it joins that soup
     (a soup-aware sweep's objective, `sweep.objective`): val accuracy, or the fall in val NLL."""
-    store, _ = open_storage(config)
-    ctx, scorer = context(config, store, recipe, pretrained, members, val_accuracy, "sweep", log)
-    soup = soups.greedy_soup(ctx)
-    total = merge.weighted_sum(store, soup.ingredients, None, ctx.accumulate, ctx.reference)
+    soup_ctx, scorer = soup_context(ctx, pretrained, members, val_accuracy, "sweep", log)
+    soup = soups.greedy_soup(soup_ctx)
+    reference = soup_ctx.reference
+    total = merge.weighted_sum(ctx.store, soup.ingredients, None, soup_ctx.accumulate, reference)
     size = len(soup.ingredients)
-    soup_val = scorer({name: merge.mean_of(value, float(size), ctx.reference[name].dtype) for name, value in total.items()}, size)
+    soup_val = scorer({name: merge.mean_of(value, float(size), reference[name].dtype) for name, value in total.items()}, size)
     soup_nll, gains = scorer.nll, {}
     for candidate in ingredients_of(candidates):
-        _, score = soups.with_one_more(ctx, total, size, candidate)
-        gains[candidate.id] = score - soup_val if config.sweep.objective == "accuracy" else soup_nll - scorer.nll
+        _, score = soups.with_one_more(soup_ctx, total, size, candidate)
+        gains[candidate.id] = score - soup_val if ctx.config.sweep.objective == "accuracy" else soup_nll - scorer.nll
     return [i.id for i in soup.ingredients], soup_val, gains
 
 

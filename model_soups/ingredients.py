@@ -1,69 +1,22 @@
-"""Ingredients: the plan, the pretrained start, fine-tunes (trained, or reused when stored and verified) and
+"""Ingredients: the pretrained start, fine-tunes (trained, or reused when stored and verified) and
 bring-your-own checkpoints. Every step reads and writes the storage root, so a re-run resumes."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
 from model_soups import merge
-from model_soups.config import ConfigError, RunConfig
+from model_soups.context import RunContext
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
-from model_soups.recipes.base import Recipe, get_recipe
 from model_soups.records import (BUILD_LEASE_S, FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord,
                                  reuse_or_build)
-from model_soups.methods import SOUP_METHODS
 from model_soups.storage import CorruptCheckpoint, Layout, Lease, StorageError, StorageUnavailable, Store
-from model_soups.sweep import IngredientSpec, expand
+from model_soups.sweep import IngredientSpec
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class Plan:
-    """Everything decided before any training: checked cheaply, so bad input costs no GPU time."""
-
-    recipe: Recipe
-    fingerprint: str
-    specs: list[IngredientSpec]
-    splits: list[str]
-
-
-def make_plan(config: RunConfig) -> Plan:
-    recipe = get_recipe(config.recipe.name, config.recipe.options)
-    fingerprint = recipe.fingerprint()
-    specs = expand(config.sweep, recipe, fingerprint)
-    if config.soup.final not in config.soup.methods:
-        raise ConfigError(f"soup.final: {config.soup.final!r} is not among soup.methods {config.soup.methods}")
-    planned = len(specs) + (config.sweep.n if config.sweep.strategy == "soup-aware" else 0)
-    unmet = [(why, lower) for needed, why, lower in ingredient_needs(config) if planned < needed]
-    if unmet:
-        grid = "sweep.strategy grid trains one ingredient per combination of sweep.params, and there are none. " if (
-            config.sweep.strategy == "grid" and not config.sweep.params) else ""
-        raise ConfigError(f"the sweep plans {planned} ingredient(s), but {' and '.join(why for why, _ in unmet)}. "
-                          f"{grid}Give more (sweep.n, more values in sweep.params, or sweep.checkpoints), or "
-                          f"{' and '.join(lower for _, lower in unmet)}")
-    return Plan(recipe, fingerprint, specs, recipe.splits())
-
-
-def ingredient_needs(config: RunConfig) -> list[tuple[int, str, str]]:
-    """What sets the fewest ingredients a run may cook from: execution.min_ingredients (2 unless lowered on purpose)
-    and each cooked soup method's own minimum (Model Stock needs two fine-tunes); each with why and how to lower it."""
-    least = config.execution.min_ingredients
-    needs = [(least, f"execution.min_ingredients is {least}",
-              "set execution.min_ingredients: 1 to train a single model on purpose")]
-    return needs + [(SOUP_METHODS[name].min_ingredients,
-                     f"soup method {name} needs at least {SOUP_METHODS[name].min_ingredients} (soup.methods)",
-                     f"leave {name} out of soup.methods") for name in config.soup.methods]
-
-
-def fewest_ingredients(config: RunConfig) -> tuple[int, str]:
-    """The fewest ingredients a run may cook from, and why."""
-    needed, why, _ = max(ingredient_needs(config), key=lambda need: need[0])
-    return needed, why
 
 
 def start_as_model(pretrained: PretrainedRecord) -> IngredientRecord:
@@ -71,11 +24,6 @@ def start_as_model(pretrained: PretrainedRecord) -> IngredientRecord:
     fine-tune began (the paper's zero-shot model)."""
     return IngredientRecord(id=f"pretrained-{pretrained.fingerprint[:8]}", status="completed", checkpoint=pretrained.url,
                             sha256=pretrained.sha256)
-
-
-def open_storage(config: RunConfig) -> tuple[Store, Layout]:
-    store = Store(config.storage)
-    return store, Layout(store, config.experiment)
 
 
 def new_run_id() -> str:
@@ -87,7 +35,8 @@ def verify_checkpoint(store: Store, url: str, sha256: str) -> None:
         reader.verify()
 
 
-def ensure_pretrained(store: Store, layout: Layout, plan: Plan, log: Log) -> PretrainedRecord:
+def ensure_pretrained(ctx: RunContext, log: Log) -> PretrainedRecord:
+    store, layout, plan = ctx.store, ctx.layout, ctx.plan
     url = layout.pretrained(plan.fingerprint)
 
     def build() -> PretrainedRecord:
@@ -149,10 +98,10 @@ def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: 
     return record is None or lease.is_stale(record)
 
 
-def train_ingredient(config: RunConfig, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str],
+def train_ingredient(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str],
                      log: Log) -> IngredientRecord:
     """The stored ingredient if it is done, else train it; wait while another process is training it."""
-    store, layout = open_storage(config)
+    config, store, layout = ctx.config, ctx.store, ctx.layout
     job = FinetuneJob(id=spec.id, slot=slot["name"], hparams=spec.hparams, experiment=config.experiment,
                       lease_s=config.execution.lease_s, storage=config.storage, recipe=config.recipe, pretrained=pretrained)
     deadline = time.time() + config.execution.timeout_s

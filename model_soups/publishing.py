@@ -11,17 +11,16 @@ from typing import Callable
 import numpy as np
 
 from model_soups import merge, report
-from model_soups.config import RunConfig
+from model_soups.context import RunContext
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
-from model_soups.ingredients import open_storage
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import Recipe, stable_hash
 from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
-                                 ManifestIngredient, ManifestSoup, PretrainedRecord, SoupRecord, SweepStop)
+                                 ManifestIngredient, ManifestSoup, PretrainedRecord, Publishing, SoupRecord, SweepStop)
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
 from model_soups.train import versions
 
-PUBLISHING = "publishing.json"  # in a run folder until its manifest is written: which config and soups it is for
+PUBLISHING = "publishing.json"  # a run folder's `Publishing` record, there until its manifest is written
 
 
 def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
@@ -43,17 +42,14 @@ def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecor
     return rows
 
 
-def publish(config: RunConfig, recipe: Recipe, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-            failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-            run_id: str, start: list[EvaluationRecord], log: Callable[[str], None],
-            stop: SweepStop | None = None) -> dict[str, str]:
-    store, layout = open_storage(config)
-    content = stable_hash({"config": config.model_dump(mode="json"), "soups": sorted(r.key for r in soup_records)})
-    run, lease = claim_run_folder(store, layout, run_id, content, log)
+def publish(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
+            evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
+            start: list[EvaluationRecord], log: Callable[[str], None], stop: SweepStop | None = None) -> dict[str, str]:
+    content = stable_hash({"config": ctx.config.model_dump(mode="json"), "soups": sorted(r.key for r in soup_records)})
+    run, lease = claim_run_folder(ctx.store, ctx.layout, run_id, content, log)
     try:
-        paths = write_run_folder(config, recipe, store, layout, run, pretrained, metas, failed, evaluations,
-                                 soup_records, start, stop)
-        store.delete(run.file(PUBLISHING))
+        paths = write_run_folder(ctx, run, pretrained, metas, failed, evaluations, soup_records, start, stop)
+        ctx.store.delete(run.file(PUBLISHING))
     finally:
         lease.release()
     log(f"published {run.url}")
@@ -70,11 +66,11 @@ def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
         if store.exists(half.manifest) or not store.exists(half.file(PUBLISHING)):
             continue
         try:
-            if store.read_json(half.file(PUBLISHING)).get("content") != content:
+            if Publishing.read(store, half.file(PUBLISHING)).content != content:
                 continue
         except StorageUnavailable:
             raise
-        except StorageError:
+        except StorageError:  # unreadable: not a folder this run can complete
             continue
         lease = Lease(store, half.file("lease.json"), BUILD_LEASE_S)
         if lease.acquire():
@@ -84,14 +80,14 @@ def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
     lease = Lease(store, run.file("lease.json"), BUILD_LEASE_S)
     if not lease.acquire():
         raise StorageError(f"{run.url}: another process is publishing run {run_id}")
-    store.write_json(run.file(PUBLISHING), {"content": content, "run_id": run_id})
+    Publishing(run_id=run_id, content=content).write(store, run.file(PUBLISHING))
     return run, lease
 
 
-def write_run_folder(config: RunConfig, recipe: Recipe, store: Store, layout: Layout, run: RunFolder,
-                     pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
-                     evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], start: list[EvaluationRecord],
-                     stop: SweepStop | None) -> dict[str, str]:
+def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedRecord, metas: list[IngredientRecord],
+                     failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
+                     start: list[EvaluationRecord], stop: SweepStop | None) -> dict[str, str]:
+    config, recipe, store, layout = ctx.config, ctx.recipe, ctx.store, ctx.layout
     run_id = run.url.rsplit("/", 1)[1]
     val_accuracy = val_accuracies(evaluations)
     best = max(metas, key=lambda m: val_accuracy[m.id]).id

@@ -259,6 +259,14 @@ class ManifestSoup(BaseModel):
     task: dict[str, Any] | None = None
 
 
+class Publishing(Record):
+    """runs/<run_id>/publishing.json, while the folder is being written (until its manifest is): what it is for, so
+    that a rerun of the same config and soups completes a folder whose publishing stopped halfway."""
+
+    run_id: str
+    content: str  # a hash of the config and the soups' keys
+
+
 class Manifest(Record):
     """runs/<run_id>/manifest.json: what was published, from what, with every file's sha256."""
 

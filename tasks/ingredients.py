@@ -14,7 +14,7 @@ from prefect.futures import as_completed
 from prefect.states import Crashed
 
 from model_soups import ingredients
-from model_soups.config import RunConfig
+from model_soups.context import RunContext
 from model_soups.processes import device_slots
 from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord
 from model_soups.storage import StorageUnavailable
@@ -29,41 +29,38 @@ def unless_storage_is_down(task, task_run, state) -> bool:
 
 
 @task(name="prepare", **QUIET)
-def prepare(config: RunConfig) -> tuple[PretrainedRecord, list[IngredientSpec], list[str]]:
-    """Check the config and the storage root cheaply, then build or reuse the pretrained start."""
-    log = get_run_logger().info
-    plan = ingredients.make_plan(config)
-    store, layout = ingredients.open_storage(config)
-    store.check_writable(config.experiment)
-    pretrained = ingredients.ensure_pretrained(store, layout, plan, log)
+def prepare(ctx: RunContext) -> PretrainedRecord:
+    """Check the storage root cheaply (the config was checked when the run's context was made), then build or reuse
+    the pretrained start."""
+    log, config, plan = get_run_logger().info, ctx.config, ctx.plan
+    ctx.store.check_writable(config.experiment)
+    pretrained = ingredients.ensure_pretrained(ctx, log)
     rounds = f" and {config.sweep.n} fine-tunes in soup-aware rounds" if config.sweep.strategy == "soup-aware" else ""
     log(f"{len(plan.specs)} ingredients{rounds}, splits {plan.splits}")
-    return pretrained, plan.specs, plan.splits
+    return pretrained
 
 
 @task(name="finetune", task_run_name="finetune-{spec.id}", retry_delay_seconds=2, retry_condition_fn=unless_storage_is_down,
       **QUIET)
-def finetune(config: RunConfig, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str]) -> IngredientRecord:
+def finetune(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str]) -> IngredientRecord:
     """One ingredient in its own process on one device slot; a verified stored result is reused."""
     log = get_run_logger().info
     if spec.checkpoint:
-        store, layout = ingredients.open_storage(config)
-        return ingredients.register_checkpoint(store, layout, spec, pretrained)
-    meta = ingredients.train_ingredient(config, pretrained, spec, slot, log)
+        return ingredients.register_checkpoint(ctx.store, ctx.layout, spec, pretrained)
+    meta = ingredients.train_ingredient(ctx, pretrained, spec, slot, log)
     log(f"ingredient {spec.id}: {'reused' if meta.reused else 'trained'} ({meta.status})")
     return meta
 
 
 @task(name="finetune-on-pool", task_run_name="finetune-{spec.id}", retry_delay_seconds=2,
       retry_condition_fn=unless_storage_is_down, **QUIET)
-def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: IngredientSpec) -> IngredientRecord:
+def finetune_on_pool(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec) -> IngredientRecord:
     """One ingredient as a run of the finetune deployment on the GPU pool; its result is read from storage.
 
     This waits in the orchestrating process and holds no slot of the GPU pool. A run whose fine-tune stops
     renewing its lease (its worker or machine died) is marked Crashed, and the task's retry starts another.
     """
-    log = get_run_logger().info
-    store, layout = ingredients.open_storage(config)
+    log, config, store, layout = get_run_logger().info, ctx.config, ctx.store, ctx.layout
     if not spec.checkpoint:
         meta = ingredients.stored_ingredient(store, layout, spec.id)
         if meta is not None:
@@ -92,13 +89,13 @@ def finetune_on_pool(config: RunConfig, pretrained: PretrainedRecord, spec: Ingr
     return meta.model_copy(update={"reused": False})
 
 
-def fan_out(config: RunConfig, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
+def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
             ready: Callable[[IngredientRecord], None] = lambda meta: None) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
     """Fine-tune every ingredient: on this machine's device slots, one fine-tune each, or as runs on the GPU
     work pool, at most `in_flight` at once there (each waits in a thread of the flow's task runner). `ready` is
     called with each completed ingredient as soon as it is verified. Returns the completed ones in sweep order,
     and those left out with why."""
-    logger = get_run_logger()
+    logger, config = get_run_logger(), ctx.config
     progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
                                         description=f"{len(specs)} fine-tunes")
     completed, failed = [], []
@@ -115,8 +112,8 @@ def fan_out(config: RunConfig, pretrained: PretrainedRecord, specs: list[Ingredi
     while pending or running:
         while free and pending:  # keep every device slot busy with one fine-tune
             spec, slot = pending.pop(0), free.pop(0)
-            future = (on_pool.submit(config, pretrained, spec) if config.execution.fanout == "work-pool"
-                      else local.submit(config, pretrained, spec, slot))
+            future = (on_pool.submit(ctx, pretrained, spec) if config.execution.fanout == "work-pool"
+                      else local.submit(ctx, pretrained, spec, slot))
             running[future] = (spec, slot)
         future = next(as_completed(list(running)))
         spec, slot = running.pop(future)

@@ -6,24 +6,21 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from model_soups import publishing, report
-from model_soups.config import RunConfig
-from model_soups.ingredients import open_storage
-from model_soups.recipes.base import get_recipe
+from model_soups.context import RunContext
 from model_soups.records import (EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord, SoupRecord,
                                  SweepStop)
 from tasks import QUIET, artifact_key
 
 
 @task(name="publish", **QUIET)
-def publish(config: RunConfig, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
+def publish(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
             evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
             start: list[EvaluationRecord], stop: SweepStop | None = None) -> dict[str, str]:
     """Write the soup, manifest, results and report; publish them as Prefect artifacts."""
-    recipe = get_recipe(config.recipe.name, config.recipe.options)
-    paths = publishing.publish(config, recipe, pretrained, metas, failed, evaluations, soup_records, run_id, start,
+    paths = publishing.publish(ctx, pretrained, metas, failed, evaluations, soup_records, run_id, start,
                                get_run_logger().info, stop)
     run_id = paths["run"].rsplit("/", 1)[1]  # another run's, when this run completed its half-published folder
-    store, _ = open_storage(config)
+    config, store = ctx.config, ctx.store
     table = report.summary(report.read_results(store, paths["run"])).round(2).reset_index()
     create_table_artifact(key=artifact_key(config, "results"), table=table.to_dict(orient="records"),
                           description=f"Accuracy (%) per method, run {run_id}")

@@ -7,7 +7,8 @@ import pytest
 from model_soups.config import parse_config
 from model_soups.cooking import cook_soup
 from model_soups.evaluate import evaluate_ingredient
-from model_soups.ingredients import ensure_pretrained, make_plan, open_storage, train_ingredient
+from model_soups.context import RunContext
+from model_soups.ingredients import ensure_pretrained, train_ingredient
 from model_soups.processes import device_slots
 from tests.conftest import small_digits
 
@@ -22,14 +23,13 @@ def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invari
     data["soup"] = {"methods": ["greedy"], "final": "greedy", "recompute_bn": True, "recompute_bn_examples": 300}
     config = parse_config(data)
     log = lambda line: None  # noqa: E731
-    plan = make_plan(config)
-    store, layout = open_storage(config)
-    pretrained = ensure_pretrained(store, layout, plan, log)
+    ctx = RunContext.of(config)
+    pretrained = ensure_pretrained(ctx, log)
     slot = device_slots(1)[0]
-    metas = [train_ingredient(config, pretrained, spec, slot, log) for spec in plan.specs]
-    val_accuracy = {m.id: evaluate_ingredient(store, layout, plan.recipe, m, "val", log).accuracy for m in metas}
+    metas = [train_ingredient(ctx, pretrained, spec, slot, log) for spec in ctx.plan.specs]
+    val_accuracy = {m.id: evaluate_ingredient(ctx.store, ctx.layout, ctx.recipe, m, "val", log).accuracy for m in metas}
 
-    record = cook_soup(config, plan.recipe, pretrained, metas, val_accuracy, "greedy", log)
+    record = cook_soup(ctx, pretrained, metas, val_accuracy, "greedy", log)
 
     published_val = record.metrics["val"].accuracy
     accepted = [step for step in record.trajectory if step["accepted"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
-from model_soups.ingredients import make_plan
+from model_soups.context import make_plan
 from model_soups.recipes.base import get_recipe
 from model_soups.storage import StorageError, Store
 from model_soups.sweep import expand

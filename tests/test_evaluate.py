@@ -52,12 +52,12 @@ def test_text_recipe_encodes_sentence_pairs(tmp_path):
     assert all((row == sep).sum() == 2 for row in train.inputs["input_ids"])  # [CLS] a [SEP] b [SEP]
 
 
-def test_a_split_is_loaded_once_per_process_for_the_same_data_and_options(monkeypatch):
+def test_a_split_is_loaded_once_per_recipe_the_one_a_runs_context_shares(monkeypatch):
     loads = []
     original = Digits.load_split
     monkeypatch.setattr(Digits, "load_split", lambda self, split: loads.append(split) or original(self, split))
-    first, again = get_recipe("digits", {"width": 4, "split_seed": 7}), get_recipe("digits", {"width": 4, "split_seed": 7})
-    assert first.dataset("val") is again.dataset("val")  # a new recipe object, as every task builds one
+    recipe = get_recipe("digits", {"width": 4, "split_seed": 7})
+    assert recipe.dataset("val") is recipe.dataset("val")  # every evaluation and soup of a run: one load
     assert loads == ["val"]
     other = get_recipe("digits", {"width": 4, "split_seed": 8}).dataset("val")  # other data: loaded anew
-    assert loads == ["val", "val"] and not torch.equal(other.labels, first.dataset("val").labels)
+    assert loads == ["val", "val"] and not torch.equal(other.labels, recipe.dataset("val").labels)

@@ -11,7 +11,8 @@ from prefect import get_client
 
 from flows.model_soup import model_soup
 from model_soups.config import parse_config
-from model_soups.ingredients import has_result, open_storage, stored_ingredient
+from model_soups.ingredients import has_result, stored_ingredient
+from model_soups.storage import open_storage
 from tests.conftest import small_digits
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def test_each_fault_is_left_out_with_its_reason_in_meta_manifest_and_report(faul
 
 def test_a_failed_attempt_is_not_a_result_and_is_tried_again(faulty_run, tmp_path, caplog):
     config, _, metas, _ = faulty_run
-    store, layout = open_storage(config)
+    store, layout = open_storage(config.storage, config.experiment)
     with caplog.at_level("WARNING", logger="model_soups"):
         assert stored_ingredient(store, layout, metas[2]["id"]) is None
     (said,) = caplog.records

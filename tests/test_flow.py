@@ -400,3 +400,27 @@ def test_cli_refuses_a_bad_override_before_running(capsys, tmp_path):
     assert main(["demo", "--set", f"storage.root=file://{tmp_path}", "--set", "soup.rule=maybe"]) == 2
     assert "soup.rule" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_a_run_takes_its_config_apart_once_storage_recipe_and_plan_are_each_made_once(prefect_server, tmp_path,
+                                                                                      monkeypatch):
+    """One run context per process (model_soups/context.py), handed down to every task: no stage opens the storage,
+    builds the recipe or plans the sweep again. The fine-tunes run in processes of their own."""
+    import sys
+
+    from model_soups import context, storage
+    from model_soups.recipes import base
+
+    calls: dict[str, int] = {}
+    for name, home in (("open_storage", storage), ("get_recipe", base), ("make_plan", context)):
+        original = getattr(home, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        for module_name, module in list(sys.modules.items()):  # every module of ours that imported it
+            if module_name.split(".")[0] in ("model_soups", "tasks", "flows") and getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counted)
+    model_soup(config=parse_config(small_digits(f"file://{tmp_path}", experiment="once", n=2)))
+    assert calls == {"open_storage": 1, "get_recipe": 1, "make_plan": 1}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model_soups.config import ConfigError, parse_config
-from model_soups.ingredients import make_plan
+from model_soups.context import make_plan
 from model_soups.merge import Ingredient
 from model_soups.soups import model_stock, soup_state
 from model_soups.task_vectors import TaskMerge, stock_ratio, task_vector

@@ -15,7 +15,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 from flows.model_soup import model_soup
 from model_soups import soup_sweep
 from model_soups.config import ConfigError, parse_config
-from model_soups.ingredients import make_plan
+from model_soups.context import make_plan
 from model_soups.records import SweepRound
 from tests.conftest import small_digits
 
@@ -34,19 +34,19 @@ def test_proposals_are_a_function_of_the_stored_history_and_rounds_have_the_conf
     config = parse_config(sweep_config(f"file://{tmp_path}", n=5))
     plan = make_plan(config)
     assert plan.specs == []  # nothing is known before the first round
-    first = soup_sweep.propose(config, plan.recipe, plan.fingerprint, [])
-    assert len(first.trials) == 2 and first == soup_sweep.propose(config, plan.recipe, plan.fingerprint, [])
+    first = soup_sweep.propose(config.sweep, plan, [])
+    assert len(first.trials) == 2 and first == soup_sweep.propose(config.sweep, plan, [])
     history = [scored(first, [0.0, 0.02])]
-    second = soup_sweep.propose(config, plan.recipe, plan.fingerprint, history)
-    assert len(second.trials) == 2 and second == soup_sweep.propose(config, plan.recipe, plan.fingerprint, history)
+    second = soup_sweep.propose(config.sweep, plan, history)
+    assert len(second.trials) == 2 and second == soup_sweep.propose(config.sweep, plan, history)
     assert not {t.id for t in second.trials} & {t.id for t in first.trials}  # nothing is fine-tuned twice
     # the values told matter: the sampler proposes otherwise when the other ingredient was the helpful one
-    assert second != soup_sweep.propose(config, plan.recipe, plan.fingerprint, [scored(first, [0.02, -0.5])])
+    assert second != soup_sweep.propose(config.sweep, plan, [scored(first, [0.02, -0.5])])
     history.append(scored(second, [0.01, -0.01]))
-    third = soup_sweep.propose(config, plan.recipe, plan.fingerprint, history)
-    assert len(third.trials) == 1 and soup_sweep.done(config, history + [third])
+    third = soup_sweep.propose(config.sweep, plan, history)
+    assert len(third.trials) == 1 and soup_sweep.done(config.sweep, history + [third])
     with pytest.raises(ValueError, match="round 0 is not scored yet"):
-        soup_sweep.propose(config, plan.recipe, plan.fingerprint, [first])
+        soup_sweep.propose(config.sweep, plan, [first])
 
 
 def test_a_space_with_fewer_settings_than_fine_tunes_stops_when_it_is_exhausted(tmp_path):
@@ -57,8 +57,8 @@ def test_a_space_with_fewer_settings_than_fine_tunes_stops_when_it_is_exhausted(
     config = parse_config(data)
     plan = make_plan(config)
     history = []
-    while not soup_sweep.done(config, history):
-        proposed = soup_sweep.propose(config, plan.recipe, plan.fingerprint, history)
+    while not soup_sweep.done(config.sweep, history):
+        proposed = soup_sweep.propose(config.sweep, plan, history)
         history.append(scored(proposed, [0.0] * len(proposed.trials)))
     assert sorted(t.hparams["seed"] for r in history for t in r.trials) == [0, 1, 2] and not history[-1].trials
 

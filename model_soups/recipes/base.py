@@ -80,6 +80,8 @@ class Recipe(abc.ABC):
             raise ConfigError(
                 describe_validation_error(error, self.Options, f"invalid recipe.options for {self.name!r}", "recipe.options.")
             ) from None
+        self._splits: dict[str, SplitData] = {}  # `dataset`'s: loaded once per recipe, which a run's context shares
+        self._loading = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"recipe": self.name, "options": self.options.model_dump(mode="json")}
@@ -109,15 +111,12 @@ class Recipe(abc.ABC):
         ...
 
     def dataset(self, split: str) -> SplitData:
-        """`load_split`, done once per process for the same data and options: every evaluation of a run shares it
-        instead of reading and tokenizing again. Callers must not change the tensors."""
-        key = (self.fingerprint(), split)
-        with _LOADING:
-            if key not in _LOADED:
-                if len(_LOADED) >= 8:
-                    _LOADED.pop(next(iter(_LOADED)))
-                _LOADED[key] = self.load_split(split)
-            return _LOADED[key]
+        """`load_split`, done once per recipe: every evaluation and soup of a run shares its context's recipe, so a
+        split is read and tokenized once per process. Callers must not change the tensors."""
+        with self._loading:
+            if split not in self._splits:
+                self._splits[split] = self.load_split(split)
+            return self._splits[split]
 
     def export_pretrained(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, str] | None:
         """Write `state` into `folder` as a Hugging Face model folder (`from_pretrained` loads it) and return what
@@ -136,10 +135,6 @@ class Recipe(abc.ABC):
     def check_split(self, split: str) -> None:
         if split != "train" and split not in self.splits():
             raise ConfigError(f"recipe {self.name!r} has no split {split!r}; splits: train, {', '.join(self.splits())}")
-
-
-_LOADED: dict[tuple[str, str], SplitData] = {}
-_LOADING = threading.Lock()
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -211,9 +211,6 @@ class Store:
             except OSError as error:  # a read-only root, or no permission
                 raise self.unwritable("deleting", url, error) from None
 
-    def copy(self, source: str, target: str) -> None:
-        self.retrying("copying", source, lambda: self.fs.copy(self.path(source), self.path(target)))
-
     def download(self, url: str, path: str) -> None:
         """Copy an object to a local file."""
         try:
