@@ -12,9 +12,10 @@ from scipy.special import log_softmax
 from model_soups import merge, soups
 from model_soups.config import SoupOptions
 from model_soups.context import RunContext
-from model_soups.evaluate import evaluate_and_store, evaluation_device, metrics, predict
+from model_soups.evaluate import evaluate_and_store, metrics, predict
 from model_soups.merge import Ingredient
 from model_soups.methods import SOUP_METHODS
+from model_soups.processes import this_device
 from model_soups.recipes.base import Recipe, SplitData, stable_hash
 from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, IngredientRecord, PretrainedRecord, SoupRecord,
                                  reuse_or_build)
@@ -133,7 +134,7 @@ class Scorer:
         self.evaluations += 1
         started = time.time()
         self.as_published(state, n_ingredients)
-        logits = predict(self.model, self.val, self.recipe.eval_batch_size, evaluation_device())
+        logits = predict(self.model, self.val, self.recipe.eval_batch_size, this_device())
         labels = self.val.labels.numpy()
         accuracy = float((logits.argmax(1) == labels).mean())
         self.nll = float(-log_softmax(logits.astype(np.float64), axis=1)[np.arange(len(labels)), labels].mean())
@@ -155,7 +156,7 @@ def soup_context(ctx: RunContext, pretrained: PretrainedRecord, metas: list[Ingr
     soup_ctx = soups.SoupContext(ctx.store, ranked, val_accuracy, reference, soups.ACCUMULATE[options.accumulate],
                                  options.rule, scorer, scorer.model, scorer.val, ctx.recipe.eval_batch_size,
                                  pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
-                                 base=[by_id[i] for i in base.ingredients] if base else None, device=evaluation_device())
+                                 base=[by_id[i] for i in base.ingredients] if base else None, device=this_device())
     return soup_ctx, scorer
 
 

@@ -10,15 +10,12 @@ import numpy as np
 import torch
 from scipy.special import log_softmax
 
+from model_soups.processes import this_device
 from model_soups.recipes.base import Recipe, SplitData, logits_of
 from model_soups.records import BUILD_LEASE_S, EvaluationRecord, IngredientRecord, Metrics, reuse_or_build
 from model_soups.storage import Layout, StorageError, Store
 
 ECE_BINS = 15
-
-
-def evaluation_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @torch.no_grad()
@@ -53,7 +50,7 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
 def evaluate_and_store(store: Store, logits_url: str, model: torch.nn.Module, data: SplitData,
                        batch_size: int) -> tuple[Metrics, str]:
     """The model's metrics on `data`, with its logits and labels stored at `logits_url`, and that file's sha256."""
-    logits = predict(model, data, batch_size, evaluation_device())
+    logits = predict(model, data, batch_size, this_device())
     sha = store.write_arrays(logits_url, logits=logits, labels=data.labels.numpy())
     return metrics(logits, data.labels.numpy()), sha
 

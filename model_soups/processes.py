@@ -43,6 +43,11 @@ def device_slots(setting: int | str) -> list[dict[str, str]]:
             for i in range(count)]
 
 
+def this_device() -> str:
+    """Where this process computes (trains, evaluates, cooks): the CUDA device its slot left visible, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def this_process_slot() -> dict[str, str]:
     """The slot a worker was pinned to when it started (SOUP_SLOT names it); its environment is inherited."""
     device = os.environ.get("CUDA_VISIBLE_DEVICES")

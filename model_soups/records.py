@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model_soups.config import RecipeConfig, StorageConfig
+from model_soups.recipes.base import stable_hash
 from model_soups.storage import Lease, StorageError, StorageUnavailable, Store
 
 BUILD_LEASE_S = 60.0  # a build (pretrained start, evaluation, soup) whose lease is not renewed for this long is dead
@@ -23,20 +24,28 @@ STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, e
 
 
 class Record(BaseModel):
+    """A JSON record, written with the sha256 of its own content (`record_sha256`): one that changed since (a flipped
+    digit still reads as valid JSON) is refused like a missing one, and made again."""
+
     # extra fields are ignored, so records written by an older version of this code still read
     model_config = ConfigDict(extra="ignore")
     reused: bool = Field(False, exclude=True, description="read back from storage rather than made by this run")
 
     @classmethod
     def read(cls, store: Store, url: str):
+        data = store.read_json(url)
+        recorded = data.pop("record_sha256", None) if isinstance(data, dict) else None
+        if recorded is not None and recorded != stable_hash(data, 64):  # written before records carried one: None
+            raise StorageError(f"{url}: its content does not match the sha256 written with it (changed or damaged)")
         try:
-            return cls.model_validate(store.read_json(url))
+            return cls.model_validate(data)
         except ValidationError as error:
             raise StorageError(f"{url}: not a valid {cls.__name__} ({error.error_count()} problems: "
                                f"{error.errors()[0]['loc']} {error.errors()[0]['msg']})") from None
 
     def write(self, store: Store, url: str) -> None:
-        store.write_json(url, self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        store.write_json(url, {**data, "record_sha256": stable_hash(data, 64)})
 
 
 R = TypeVar("R", bound=Record)

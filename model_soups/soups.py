@@ -9,11 +9,10 @@ deltas from the pretrained start (`task_vectors`).
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from functools import partial
 from itertools import groupby
-from typing import Any, Callable, Container, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from scipy.special import log_softmax
 
 from model_soups import task_vectors
 from model_soups.config import SoupOptions
+from model_soups.learned import SubsetAdam, project_gradients, stream
 from model_soups.merge import Ingredient, mean_of, on_local_disk, weighted_average, weighted_sum
 from model_soups.methods import (SOUP_METHODS, DareOptions, DareTiesOptions, LearnedOptions, TaskArithmeticOptions,
                                  TiesOptions, WiseFTBestOptions, WiseFTOptions)
@@ -179,64 +179,6 @@ def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
     weights = torch.softmax(alpha, dim=1)
     return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in tensors} | {
         name: [1.0] + [0.0] * (n - 1) for name, info in ctx.reference.items() if not info.dtype.is_floating_point})
-
-
-@contextmanager
-def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, n_readers: int, scratch: torch.Tensor):
-    """While a backward pass runs: <g, theta> (`mixed`, per row) and <g, tensor of reader j> (`projected`, per row
-    and reader, read into `scratch`) for each parameter's gradient g as soon as it is accumulated, which is then
-    freed."""
-    mixed = torch.zeros(n_rows, dtype=torch.float64)
-    projected = torch.zeros(n_rows, n_readers, dtype=torch.float64)
-    readers: list = []
-
-    def project(name: str, parameter: torch.Tensor) -> None:
-        g, row = parameter.grad, rows[name]
-        mixed[row] += dot(g, parameter.detach())
-        for j, reader in enumerate(readers):
-            projected[row, j] += dot(g, reader.tensor(name, scratch).to(g.device))
-        parameter.grad = None
-
-    hooks = [p.register_post_accumulate_grad_hook(partial(project, name)) for name, p in model.named_parameters()]
-    try:
-        yield mixed, projected, readers
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.vdot(a.flatten(), b.flatten()))
-
-
-def stream(store: Store, ingredients: Sequence[Ingredient], names: Container[str], scratch: torch.Tensor,
-           verify: bool = False) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """(index of the ingredient, name, tensor) for the tensors in `names`, one at a time, each file front to back
-    (and checked against its sha256 with `verify`); each tensor is a view of `scratch`, valid until the next."""
-    for j, ingredient in enumerate(ingredients):
-        with store.open_checkpoint(ingredient.url, ingredient.sha256 if verify else None, sequential=True) as reader:
-            for name in reader.info:
-                if name in names:
-                    yield j, name, reader.tensor(name, scratch)
-
-
-class SubsetAdam:
-    """Adam on the columns of `param` given at each step, each with its own step count; the others do not move
-    (torch's Adam would still move them by their momentum). With every column at every step, it is torch's Adam."""
-
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
-        self.count = torch.zeros(param.shape[1], dtype=torch.float64)
-
-    def step(self, columns: list[int], grad: torch.Tensor) -> None:
-        (b1, b2), cols = self.betas, torch.tensor(columns)
-        self.count[cols] += 1
-        self.m[:, cols] = b1 * self.m[:, cols] + (1 - b1) * grad
-        self.v[:, cols] = b2 * self.v[:, cols] + (1 - b2) * grad * grad
-        m_hat = self.m[:, cols] / (1 - b1 ** self.count[cols])
-        v_hat = self.v[:, cols] / (1 - b2 ** self.count[cols])
-        self.param[:, cols] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
 def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges: list[TaskMerge]) -> Soup:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model_soups.ingredients import has_result
+from model_soups.processes import this_device
 from model_soups.recipes.base import Hyperparameters, Recipe, get_recipe, logits_of
 from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, FinetuneJob, IngredientRecord
 from model_soups.storage import Layout, Lease, Store, StorageUnavailable
@@ -132,7 +133,7 @@ def _train_and_store(job: FinetuneJob, store: Store, layout: Layout, log: Callab
     """Checkpoint first, then meta.json: the meta file is the completion record, with the checkpoint's sha256."""
     recipe = get_recipe(job.recipe.name, job.recipe.options)
     hp = recipe.Hyperparameters.model_validate(job.hparams)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = this_device()
     pretrained = store.load_checkpoint(job.pretrained.url, job.pretrained.sha256)
     started = time.time()
     result = finetune(recipe, pretrained, hp, device, log)

@@ -232,21 +232,26 @@ def test_interrupted_upload_is_detected_and_the_ingredient_trained_again(first_r
 
 def test_a_flipped_byte_in_stored_logits_is_found_named_in_a_warning_and_the_evaluation_made_again(first_run, root,
                                                                                                   caplog):
-    """An ingredient's evaluation, and a soup's own logits (kept for paired comparisons)."""
+    """An ingredient's evaluation, a soup's own logits (kept for paired comparisons), and a record whose number
+    changed but which still reads as JSON."""
     config, paths = first_run
     manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
-    victims = [sorted((root / "flow" / "evals").glob("[0-9a-f]*/val.npz"))[0],
-               root / "flow" / "soups" / manifest["soups"]["greedy"]["record"].split("/")[-2] / "test.npz"]
+    evals = sorted((root / "flow" / "evals").glob("[0-9a-f]*/"))
+    victims = [evals[0] / "val.npz", root / "flow" / "soups" / manifest["soups"]["greedy"]["record"].split("/")[-2] / "test.npz"]
     for victim in victims:
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0xFF
         victim.write_bytes(bytes(data))
+    record = evals[1] / "test.json"
+    victims.append(record)
+    changed = json.loads(record.read_text())
+    record.write_text(json.dumps({**changed, "accuracy": changed["accuracy"] / 2}))  # its record_sha256 kept
     before = pd.read_csv(local(paths["run"]) / "results.csv")
     with caplog.at_level("WARNING", logger="model_soups"):
         again = model_soup(config=config)
     for victim in victims:
         (said,) = [r.message for r in caplog.records if str(victim) in r.message]
-        assert "is not the" in said and "recorded with it (changed or damaged)" in said and said.endswith("making it again")
+        assert "(changed or damaged)" in said and said.endswith("making it again"), said
     remade = json.loads((local(again["run"]) / "manifest.json").read_text())
     assert remade["soups"]["greedy"]["sha256"] == manifest["soups"]["greedy"]["sha256"]  # the same soup, cooked again
     after = pd.read_csv(local(again["run"]) / "results.csv")
