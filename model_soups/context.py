@@ -58,6 +58,9 @@ def fewest_ingredients(config: RunConfig) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class RunContext:
+    """One run's config, plan and storage, made once per process (`RunContext.of`) and handed to every task and
+    library call: the plan's one recipe loads each split once, and nothing takes the config apart again."""
+
     config: RunConfig
     plan: Plan
     store: Store
