@@ -69,9 +69,7 @@ def cook_soup(ctx: RunContext, pretrained: PretrainedRecord, metas: list[Ingredi
             url, recorded = layout.soup_logits(key, split), record.logits_sha256.get(split)
             if recorded is None:
                 raise StorageError(f"{layout.soup_record(key)}: written before soup logits carried a sha256")
-            if (found := store.sha256(url)) != recorded:
-                raise StorageError(f"{url}: sha256 {found[:12]}... is not the {recorded[:12]}... recorded with it "
-                                   "(changed or damaged)")
+            store.verify_sha256(url, recorded)
 
     record = reuse_or_build(store, layout.soup_record(key), SoupRecord, verify,
                             lambda: _cook(ctx, pretrained, metas, val_accuracy, method, key, log, base),

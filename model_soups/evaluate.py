@@ -69,13 +69,9 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
     def verify(stored: EvaluationRecord) -> None:
         if stored.checkpoint_sha256 != meta.sha256:
             raise StorageError(f"{json_url}: evaluates another checkpoint ({stored.checkpoint_sha256[:12]}...)")
-        if not store.exists(npz_url):
-            raise StorageError(f"{npz_url}: missing")
         if stored.logits_sha256 is None:
             raise StorageError(f"{json_url}: written before logits carried a sha256")
-        if (found := store.sha256(npz_url)) != stored.logits_sha256:
-            raise StorageError(f"{npz_url}: sha256 {found[:12]}... is not the {stored.logits_sha256[:12]}... recorded "
-                               "with it (changed or damaged)")
+        store.verify_sha256(npz_url, stored.logits_sha256)  # a missing file: "not found"
 
     def build() -> EvaluationRecord:
         started = time.time()

@@ -63,14 +63,14 @@ def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
     `publishing.json` says what a folder is being written for until its manifest is there."""
     for url in store.children(layout.runs()):
         half = RunFolder(url)
-        if store.exists(half.manifest) or not store.exists(half.file(PUBLISHING)):
+        if store.exists(half.manifest):
             continue
         try:
             if Publishing.read(store, half.file(PUBLISHING)).content != content:
                 continue
         except StorageUnavailable:
             raise
-        except StorageError:  # unreadable: not a folder this run can complete
+        except StorageError:  # none (written before this code), or unreadable: not a folder this run can complete
             continue
         lease = Lease(store, half.file("lease.json"), BUILD_LEASE_S)
         if lease.acquire():

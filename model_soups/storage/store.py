@@ -46,8 +46,8 @@ class Store:
         if self.root.startswith("s3://"):
             # One retry layer, `retrying` below, whose backoff and message are ours: botocore and s3fs try once.
             # SigV4 everywhere, presigned links included (botocore would otherwise presign with the legacy SigV2).
-            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": config.request_timeout_s, "retries": {"total_max_attempts": 1},
-                                         "signature_version": "s3v4"}}
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": config.request_timeout_s,
+                                         "retries": {"total_max_attempts": 1}, "signature_version": "s3v4"}}
             endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 options["endpoint_url"] = endpoint
@@ -245,6 +245,10 @@ class Store:
             return self.retrying("reading", url, read)  # a read cut off mid-file starts that file again
         except FileNotFoundError:
             raise StorageError(f"{url}: not found") from None
+
+    def verify_sha256(self, url: str, recorded: str) -> None:  # a StorageError unless its bytes are as recorded
+        if (found := self.sha256(url)) != recorded:
+            raise StorageError(f"{url}: sha256 {found[:12]}..., recorded {recorded[:12]}... (changed or damaged)")
 
     def check_writable(self, experiment: str) -> None:
         """Fail in seconds, before any training, if the root cannot be written: a dead endpoint is named as such,
