@@ -47,6 +47,7 @@ from model_soups.context import RunContext  # noqa: E402
 from model_soups.ingredients import ensure_pretrained  # noqa: E402
 from model_soups.processes import device_slots  # noqa: E402
 from model_soups.recipes.base import SplitData, get_recipe  # noqa: E402
+from model_soups.records import IngredientRecord, Manifest, SoupRecord  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 from model_soups.train import batches  # noqa: E402
 
@@ -104,9 +105,9 @@ def run(slots: int, n: int, pipeline: bool = True, root: str | None = None, cpu:
 
     store = Store(config.storage)
     layout = Layout(store, config.experiment)
-    manifest = store.read_json(f"{paths['run']}/manifest.json")
-    train_s = sum(store.read_json(layout.meta(i["id"]))["seconds"] for i in manifest["ingredients"])
-    greedy = store.read_json(manifest["soups"]["greedy"]["record"])
+    manifest = Manifest.read(store, f"{paths['run']}/manifest.json")
+    train_s = sum(IngredientRecord.read(store, layout.meta(i.id)).seconds for i in manifest.ingredients)
+    greedy = SoupRecord.read(store, manifest.soups["greedy"].record)
     busy_s = union_seconds([(t.start_time, t.end_time) for t in task_runs])
     stage = (min(t.start_time for t in finetunes).timestamp(), last_finetune.timestamp())
     evaluating = (min(a for a, _ in evaluations).timestamp(), max(b for _, b in evaluations).timestamp())
@@ -125,8 +126,8 @@ def run(slots: int, n: int, pipeline: bool = True, root: str | None = None, cpu:
             "finetune_stage_idle_core_s": cpu.core_seconds(*stage, busy=False) if cpu else None,
             "evaluation_busy_core_s": cpu.core_seconds(*evaluating) if cpu else None,
             "per_finetune_overhead_s": (stage_s * slots - train_s) / n,
-            "greedy_candidate_evaluations": greedy["candidate_evaluations"],
-            "greedy_seconds_per_evaluation": greedy["candidate_seconds"] / max(1, greedy["candidate_evaluations"])}
+            "greedy_candidate_evaluations": greedy.candidate_evaluations,
+            "greedy_seconds_per_evaluation": greedy.candidate_seconds / max(1, greedy.candidate_evaluations)}
 
 
 def union_seconds(intervals) -> float:

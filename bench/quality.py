@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,14 @@ import numpy as np
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
 from model_soups.config import parse_config  # noqa: E402
-from model_soups.storage import Layout, Store  # noqa: E402
-
 from model_soups.methods import SOUP_METHODS  # noqa: E402
+from model_soups.records import Manifest, SoupRecord  # noqa: E402
+from model_soups.storage import Layout, Store  # noqa: E402
 
 METHODS = ["best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble", "greedy_ensemble"]
 
 
-def correct_per_example(store: Store, layout: Layout, manifest: dict, kind: str, split: str) -> np.ndarray:
+def correct_per_example(store: Store, layout: Layout, manifest: Manifest, kind: str, split: str) -> np.ndarray:
     """Per-example correctness of one method on one split, from stored logits."""
     from model_soups.soups import ensemble_logits, greedy_ensemble, rank
     from model_soups.merge import Ingredient
@@ -47,18 +48,18 @@ def correct_per_example(store: Store, layout: Layout, manifest: dict, kind: str,
         return store.read_arrays(layout.evaluation(ingredient_id, s, "npz"))
 
     if kind == "best_individual":
-        data = stored(manifest["best_individual"], split)
+        data = stored(manifest.best_individual, split)
     elif kind.endswith("_soup"):
-        key = manifest["soups"][kind.removesuffix("_soup")]["record"].rsplit("/", 2)[-2]
+        key = manifest.soups[kind.removesuffix("_soup")].record.rsplit("/", 2)[-2]
         data = store.read_arrays(layout.soup_logits(key, split))
     else:
-        val_accuracy = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
+        val_accuracy = {i.id: i.val_accuracy for i in manifest.ingredients}
         ranked = [i.id for i in rank([Ingredient(i, "") for i in val_accuracy], val_accuracy)]
         members = ranked
         if kind == "greedy_ensemble":
             val = {i: stored(i, "val") for i in ranked}
             members = greedy_ensemble(ranked, {i: v["logits"] for i, v in val.items()}, val[ranked[0]]["labels"],
-                                      manifest["config"]["soup"]["rule"])
+                                      manifest.config["soup"]["rule"])
         parts = [stored(i, split) for i in members]
         data = {"logits": ensemble_logits([p["logits"] for p in parts]), "labels": parts[0]["labels"]}
     return data["logits"].argmax(1) == data["labels"]
@@ -84,14 +85,14 @@ def store_of(run_url: str) -> Store:
     return Store(parse_config({"storage": {"root": run_url.rsplit("/runs/", 1)[0].rsplit("/", 1)[0]}}).storage)
 
 
-def read_manifest(run_url: str) -> dict:
-    return store_of(run_url).read_json(f"{run_url}/manifest.json")
+def read_manifest(run_url: str) -> Manifest:
+    return Manifest.read(store_of(run_url), f"{run_url}/manifest.json")
 
 
 def evaluate_run(run_url: str) -> dict:
     store = store_of(run_url)
     manifest = read_manifest(run_url)
-    layout = Layout(store, manifest["experiment"])
+    layout = Layout(store, manifest.experiment)
     ood = [s for s in splits_of(store, manifest) if s.startswith("ood:")]
     table = {}
     for kind in METHODS:
@@ -109,15 +110,15 @@ def evaluate_run(run_url: str) -> dict:
         wiseft = (correct_per_example(store, layout, manifest, "wiseft_soup", "test") if name == "test"
                   else ood_correct(store, layout, manifest, "wiseft_soup", ood))
         table["wiseft_soup"][f"{name}_vs_greedy"] = paired(wiseft, greedy)
-    for method, soup in manifest["soups"].items():  # how many ingredients, and what a task-vector method chose on val
-        table[f"{method}_soup"]["n_ingredients"] = len(soup["ingredients"])
-        record = json.loads(store.read_bytes(soup["record"]))
-        task = record.get("task")
+    for method, soup in manifest.soups.items():  # how many ingredients, and what a task-vector method chose on val
+        table[f"{method}_soup"]["n_ingredients"] = len(soup.ingredients)
+        record = SoupRecord.read(store, soup.record)
+        task = {k: v for k, v in asdict(record.task).items() if v is not None} if record.task else None
         if task and task["combine"] == "model_stock":  # no choice on val: the median of its t per tensor
-            task = {**task, "t": statistics.median(step["t"] for step in record["trajectory"])}
+            task["t"] = statistics.median(step.t for step in record.trajectory)
         table[f"{method}_soup"]["task"] = task
-    test = [store.read_arrays(layout.evaluation(i["id"], "test", "npz")) for i in manifest["ingredients"]]
-    table["all"] = {"n_ingredients": len(manifest["ingredients"]), "val_size": len(correct_per_example(
+    test = [store.read_arrays(layout.evaluation(i.id, "test", "npz")) for i in manifest.ingredients]
+    table["all"] = {"n_ingredients": len(manifest.ingredients), "val_size": len(correct_per_example(
         store, layout, manifest, "best_individual", "val")),
         "ingredients_test": [100 * float((d["logits"].argmax(1) == d["labels"]).mean()) for d in test]}
     return table
@@ -126,19 +127,19 @@ def evaluate_run(run_url: str) -> dict:
 FEW = ["model_stock_soup", "greedy_soup"]
 
 
-def few_ingredient_rows(store: Store, layout: Layout, full: list[dict], subsets: dict[int, list[dict]]) -> dict:
+def few_ingredient_rows(store: Store, layout: Layout, full: list[Manifest], subsets: dict[int, list[Manifest]]) -> dict:
     """For each sweep size (the subsets' and the full one's) and method in FEW, per run: test and mean-OOD accuracy
     and their paired difference to the full sweep's greedy soup of the same seed."""
     rows = {}
-    for n, runs in sorted({**subsets, len(full[0]["ingredients"]): full}.items()):
+    for n, runs in sorted({**subsets, len(full[0].ingredients): full}.items()):
         for kind in FEW:
             rows[(n, kind)] = [{**versus_full_greedy(store, layout, manifest, kind, reference),
-                                "n_ingredients": len(manifest["soups"][kind.removesuffix("_soup")]["ingredients"])}
+                                "n_ingredients": len(manifest.soups[kind.removesuffix("_soup")].ingredients)}
                                for manifest, reference in zip(runs, full)]
     return rows
 
 
-def versus_full_greedy(store: Store, layout: Layout, manifest: dict, kind: str, reference: dict) -> dict:
+def versus_full_greedy(store: Store, layout: Layout, manifest: Manifest, kind: str, reference: Manifest) -> dict:
     """One method of `manifest` against the greedy soup of `reference` (the full sweep of the same seed: the same
     examples): test and mean-OOD accuracy, and the paired differences."""
     ood = [s for s in splits_of(store, reference) if s.startswith("ood:")]
@@ -150,8 +151,8 @@ def versus_full_greedy(store: Store, layout: Layout, manifest: dict, kind: str, 
     return row
 
 
-def splits_of(store: Store, manifest: dict) -> list[str]:
-    return list(json.loads(store.read_bytes(manifest["soups"]["greedy"]["record"]))["metrics"])
+def splits_of(store: Store, manifest: Manifest) -> list[str]:
+    return list(SoupRecord.read(store, manifest.soups["greedy"].record).metrics)
 
 
 def print_few(rows: dict, full_n: int) -> dict:
@@ -185,13 +186,12 @@ def print_few(rows: dict, full_n: int) -> dict:
     return summary
 
 
-def print_stop(rule: str, stopped: list[dict], full: list[dict], store: Store, layout: Layout) -> dict:
+def print_stop(rule: str, stopped: list[Manifest], full: list[Manifest], store: Store, layout: Layout) -> dict:
     """Fine-tunes a sweep.stop run used and its greedy soup against the full sweep's, per seed and on average."""
     rows = []
     for manifest, reference in zip(stopped, full):
-        ran = sum(len(r["fine_tunes"]) for r in manifest["sweep_stop"]["rounds"])
-        rows.append({"fine_tunes": ran, "planned": manifest["sweep_stop"]["planned"],
-                     "greedy_size": len(manifest["soups"]["greedy"]["ingredients"]),
+        rows.append({"fine_tunes": manifest.sweep_stop.fine_tuned, "planned": manifest.sweep_stop.planned,
+                     "greedy_size": len(manifest.soups["greedy"].ingredients),
                      **versus_full_greedy(store, layout, manifest, "greedy_soup", reference)})
     has_ood = "ood" in rows[0]
     print(f"\nsweep.stop {rule}: the greedy soup of the stopped sweep against the greedy soup of all "
@@ -343,7 +343,7 @@ def main() -> None:
              f"sweep seeds {args.seeds} (accuracy %, mean ± std over seeds)")
     result = print_table(tables, title)
     store = store_of(run)
-    layout = Layout(store, full_manifests[0]["experiment"])
+    layout = Layout(store, full_manifests[0].experiment)
     if subsets:
         result["few_ingredients"] = print_few(few_ingredient_rows(store, layout, full_manifests, subsets), full_n)
     result["stop"] = [print_stop(rule, stopped[rule], full_manifests, store, layout) for rule in rules]

@@ -17,20 +17,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quality import correct_per_example, ood_correct, paired, paired_summary, run_flow
+from quality import correct_per_example, ood_correct, paired, paired_summary, run_flow, splits_of
 
 from model_soups.config import parse_config
+from model_soups.records import Manifest
 from model_soups.storage import Layout, Store
 
 
 def greedy(run_url: str) -> dict:
     """The greedy soup's per-example correctness on test and mean OOD, its val, its size, and the best individual's."""
     store = Store(parse_config({"storage": {"root": run_url.rsplit("/runs/", 1)[0].rsplit("/", 1)[0]}}).storage)
-    manifest = store.read_json(f"{run_url}/manifest.json")
-    layout = Layout(store, manifest["experiment"])
-    splits = list(store.read_json(manifest["soups"]["greedy"]["record"])["metrics"])
-    ood = [s for s in splits if s.startswith("ood:")]
-    out = {"size": len(manifest["soups"]["greedy"]["ingredients"]), "run": run_url}
+    manifest = Manifest.read(store, f"{run_url}/manifest.json")
+    layout = Layout(store, manifest.experiment)
+    ood = [s for s in splits_of(store, manifest) if s.startswith("ood:")]
+    out = {"size": len(manifest.soups["greedy"].ingredients), "run": run_url}
     for kind in ("greedy_soup", "best_individual"):
         out[kind] = {"val": correct_per_example(store, layout, manifest, kind, "val"),
                      "test": correct_per_example(store, layout, manifest, kind, "test"),

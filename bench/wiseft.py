@@ -24,17 +24,18 @@ from model_soups.evaluate import predict
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import get_recipe
 from model_soups.methods import ALPHAS
+from model_soups.records import Manifest
 from model_soups.storage import RunFolder, Store
 from model_soups.task_vectors import TaskMerge, apply, start, task_vector
 
 
-def path(store: Store, manifest: dict, on: str) -> dict[float, dict[str, float]]:
+def path(store: Store, manifest: Manifest, on: str) -> dict[float, dict[str, float]]:
     """Accuracy (%) on every split of WiSE-FT of `on` (greedy: the greedy soup; best: the best fine-tune) per alpha."""
-    config = parse_config(manifest["config"])
+    config = parse_config(manifest.config)
     recipe = get_recipe(config.recipe.name, config.recipe.options)
-    by_id = {i["id"]: Ingredient(i["id"], i["checkpoint"], i["sha256"]) for i in manifest["ingredients"]}
-    members = [by_id[i] for i in manifest["soups"]["greedy"]["ingredients"]] if on == "greedy" else [by_id[manifest["best_individual"]]]
-    pretrained = Ingredient("pretrained", manifest["pretrained"]["url"], manifest["pretrained"]["sha256"])
+    by_id = {i.id: Ingredient(i.id, i.checkpoint, i.sha256) for i in manifest.ingredients}
+    members = [by_id[i] for i in manifest.soups["greedy"].ingredients] if on == "greedy" else [by_id[manifest.best_individual]]
+    pretrained = Ingredient("pretrained", manifest.pretrained.url, manifest.pretrained.sha256)
     with store.open_checkpoint(pretrained.url) as reader:
         reference = reader.info
     theta0 = start(store, pretrained, torch.float32, reference)
@@ -51,15 +52,15 @@ def path(store: Store, manifest: dict, on: str) -> dict[float, dict[str, float]]
     return out
 
 
-def full_sweeps(manifests: list[dict]) -> list[dict]:
+def full_sweeps(manifests: list[Manifest]) -> list[Manifest]:
     """The first run of each sweep seed among those that fine-tuned the whole sweep: not the first-n subsets of
     `--n` nor the stopped sweeps of `--stop`, which bench/quality.py stores next to them."""
-    whole = [m for m in manifests if m["config"]["sweep"].get("stop") is None]
-    largest = max(len(m["ingredients"]) for m in whole)
-    first: dict[int, dict] = {}
+    whole = [m for m in manifests if m.config["sweep"].get("stop") is None]
+    largest = max(len(m.ingredients) for m in whole)
+    first: dict[int, Manifest] = {}
     for m in whole:
-        if len(m["ingredients"]) == largest:
-            first.setdefault(m["config"]["sweep"]["seed"], m)
+        if len(m.ingredients) == largest:
+            first.setdefault(m.config["sweep"]["seed"], m)
     return list(first.values())
 
 
@@ -69,9 +70,9 @@ def main() -> None:
     parser.add_argument("--experiment", default="quality-digits")
     args = parser.parse_args()
     store = Store(parse_config({"storage": {"root": args.root}}).storage)
-    manifests = full_sweeps([store.read_json(RunFolder(run).manifest)
+    manifests = full_sweeps([Manifest.read(store, RunFolder(run).manifest)
                              for run in sorted(store.children(store.url(args.experiment, "runs")))])
-    result = {"runs": [m["run_id"] for m in manifests], "command": " ".join(sys.argv)}
+    result = {"runs": [m.run_id for m in manifests], "command": " ".join(sys.argv)}
     for on in ("greedy", "best"):
         paths = [path(store, m, on) for m in manifests]
         columns = [c for c in ("val", "test", "ood_mean") if c in paths[0][ALPHAS[0]]]

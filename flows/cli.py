@@ -13,12 +13,8 @@ import argparse
 import contextlib
 import importlib.metadata
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +48,7 @@ def run(config: RunConfig) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.model_soup import model_soup
+    from flows.server import temporary_server
     from model_soups import report
     from model_soups.config import StorageConfig
     from model_soups.storage import Store
@@ -59,64 +56,13 @@ def run(config: RunConfig) -> int:
     preflight(config)
     with contextlib.ExitStack() as stack:
         if not PREFECT_API_URL.value():  # no server named: a temporary one, that cannot outlive this process
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: temporary_server(stack)}))
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: temporary_server(stack, CHECKOUT)}))
         paths = model_soup(config=config)
     store = Store(StorageConfig(root=paths["run"], endpoint_url=config.storage.endpoint_url))
     print(f"\nrun folder: {paths['run']}\n")
     print(report.markdown_table(report.summary(report.read_results(store, store.root))))
     print(f"\nsoup:   {paths['soup']}\nreport: {paths['report.html']}")
     return 0
-
-
-def temporary_server(stack: contextlib.ExitStack) -> str:
-    """Prefect's own temporary server, the one a flow starts when no PREFECT_API_URL is set, started here so that a
-    watchdog process can stop it if this process dies without stopping it (SIGKILL, the OOM killer): it would be
-    left running, 250 MB, with no parent. The watchdog starts first and knows the server by a mark in its
-    environment, so there is no moment when the server runs unwatched. Returns its API URL."""
-    from prefect.logging.handlers import APILogHandler
-    from prefect.server.api.server import SubprocessASGIServer
-
-    mark = f"{os.getpid()}-{uuid.uuid4().hex}"
-    os.environ[SERVER_MARK] = mark  # the server inherits it
-    watchdog = subprocess.Popen(  # its stdin ends when this process ends, however it ends
-        [sys.executable, "-c", f"from flows.cli import stop_when_orphaned; stop_when_orphaned({mark!r})"],
-        stdin=subprocess.PIPE, cwd=CHECKOUT, start_new_session=True)
-    stack.callback(watchdog.stdin.close)
-    server = SubprocessASGIServer()
-    stack.callback(server.stop)
-    server.start()
-    stack.callback(lambda: APILogHandler().flush())  # the run's last log lines reach the server before it stops
-    return server.api_url
-
-
-SERVER_MARK = "SOUP_TEMPORARY_SERVER"
-
-
-def stop_when_orphaned(mark: str) -> None:
-    """The watchdog: wait for the `soup` process to end, then stop the temporary server that carries `mark`, if it
-    still runs (a `soup` that ends normally has stopped it already)."""
-    sys.stdin.buffer.read()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        servers = marked_servers(mark)
-        for pid in servers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while servers and marked_servers(mark) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
-def marked_servers(mark: str) -> list[int]:
-    """The pids of Prefect server processes whose environment holds SERVER_MARK=mark."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if (entry.name.isdigit() and b"prefect.server.api.server:create_app" in (entry / "cmdline").read_bytes()
-                    and f"{SERVER_MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0")):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def find_run(target: str, experiment: str | None, root: str | None) -> str:
@@ -166,6 +112,7 @@ def runs_command(experiment: str, root: str | None) -> int:
 
     from model_soups import report
     from model_soups.config import StorageConfig
+    from model_soups.records import Manifest
     from model_soups.storage import RunFolder, Store, as_url
 
     store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
@@ -175,11 +122,11 @@ def runs_command(experiment: str, root: str | None) -> int:
         if not store.exists(run.manifest):
             unfinished.append(url.rsplit("/", 1)[1])  # a run that stopped while publishing, or is publishing now
             continue
-        manifest = store.read_json(run.manifest)
-        final = report.summary(report.read_results(store, url)).loc[f"{manifest['final']}_soup"]
-        changed = [name for name, sha in manifest["files"].items() if store.sha256(run.file(name)) != sha]
-        rows.append({"run_id": manifest["run_id"], "created": manifest["created"][:19], "final": manifest["final"],
-                     "ingredients": f"{manifest['soup_ingredients']} of {len(manifest['ingredients'])}",
+        manifest = Manifest.read(store, run.manifest)
+        final = report.summary(report.read_results(store, url)).loc[f"{manifest.final}_soup"]
+        changed = [name for name, sha in manifest.files.items() if store.sha256(run.file(name)) != sha]
+        rows.append({"run_id": manifest.run_id, "created": manifest.created[:19], "final": manifest.final,
+                     "ingredients": f"{manifest.soup_ingredients} of {len(manifest.ingredients)}",
                      **{split: final[split] for split in ("val", "test", "ood_mean") if split in final},
                      "files": f"CHANGED since published: {', '.join(changed)}" if changed else "as published"})
     if unfinished:
@@ -247,11 +194,14 @@ def inspect_command(url: str) -> int:
 def recorded_sha256(store: Store, url: str) -> tuple[str, str] | None:
     """The sha256 the pipeline recorded for a checkpoint, and where: a published run's manifest.json beside it, or
     an ingredient's meta.json; None for a file the pipeline did not write."""
+    from model_soups.records import IngredientRecord, Manifest
+
     folder, name = url.rsplit("/", 1)
-    for record, read in ((f"{folder}/manifest.json", lambda value: value.get("files", {}).get(name)),
-                         (f"{folder}/meta.json", lambda value: value.get("sha256"))):
-        if store.exists(record) and (sha := read(store.read_json(record))):
-            return record, sha
+    manifest, meta = f"{folder}/manifest.json", f"{folder}/meta.json"
+    if store.exists(manifest) and (sha := Manifest.read(store, manifest).files.get(name)):
+        return manifest, sha
+    if store.exists(meta) and (sha := IngredientRecord.read(store, meta).sha256):
+        return meta, sha
     return None
 
 
@@ -289,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            from model_soups.config import load_config
+            from model_soups.config_files import load_config
 
             return run(load_config(args.config, args.overrides))
         if args.command == "demo":
-            from model_soups.config import load_config
+            from model_soups.config_files import load_config
 
             return run(load_config(None, args.overrides))
         if args.command == "report":
@@ -303,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "runs":
             return runs_command(args.experiment, args.root)
         if args.command == "config":
-            from model_soups.config import default_yaml
+            from model_soups.config_files import default_yaml
 
             print(default_yaml(), end="")
             return 0

@@ -5,17 +5,15 @@ from __future__ import annotations
 import re
 
 from prefect import flow, get_client, get_run_logger, runtime
-from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.context import RunContext, fewest_ingredients
 from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id, start_as_model, without_duplicates
-from model_soups.records import IngredientRecord
 from model_soups.methods import SOUP_METHODS
 from tasks.cooking import cook_soup
-from tasks.evaluation import evaluate
+from tasks.evaluation import Evaluations
 from tasks.ingredients import fan_out, prepare
 from tasks.publishing import publish
 from tasks.sweep import soup_aware, stop_early
@@ -59,31 +57,17 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     logger = get_run_logger()
     run_id = this_run(config)
     ctx = RunContext.of(config)  # the plan (a bad config fails here, before anything runs) and the storage, made once
-    pretrained, specs, splits = prepare(ctx), ctx.plan.specs, ctx.plan.splits
-
-    evaluating: dict[str, list[PrefectFuture]] = {}
-
-    def start_evaluations(meta: IngredientRecord) -> None:
-        evaluating[meta.id] = [evaluate.submit(ctx, meta, split) for split in splits]
-
-    def val_of(meta: IngredientRecord) -> float:
-        if meta.id not in evaluating:
-            start_evaluations(meta)
-        return evaluating[meta.id][splits.index("val")].result().accuracy
-
-    def evaluate_start() -> list[PrefectFuture]:  # the pretrained start: the report's reference point
-        return [evaluate.submit(ctx, start_as_model(pretrained), split) for split in splits]
-
-    # pipelined: an ingredient's evaluations start as soon as its checkpoint is verified, while others still train
-    ready = start_evaluations if config.execution.pipeline else lambda meta: None
-    start = evaluate_start() if config.execution.pipeline else []
+    pretrained, specs = prepare(ctx), ctx.plan.specs
+    evaluations = Evaluations(ctx)  # each model's evaluations, started once: pipelined, as soon as it is verified
+    start = start_as_model(pretrained)  # the pretrained start, evaluated as the report's reference point
+    evaluations.ready(start)
     stop = None
     if config.sweep.stop is not None:  # rounds, until the greedy soup stops gaining
-        metas, failed, stop = stop_early(ctx, pretrained, specs, THREADS - RESERVED, ready, val_of)
+        metas, failed, stop = stop_early(ctx, pretrained, specs, THREADS - RESERVED, evaluations)
     else:
-        metas, failed = fan_out(ctx, pretrained, specs, THREADS - RESERVED, ready) if specs else ([], [])
+        metas, failed = fan_out(ctx, pretrained, specs, THREADS - RESERVED, evaluations) if specs else ([], [])
     if config.sweep.strategy == "soup-aware":  # rounds, each chosen for what it adds to the greedy soup
-        more, left_out = soup_aware(ctx, pretrained, THREADS - RESERVED, ready, val_of)
+        more, left_out = soup_aware(ctx, pretrained, THREADS - RESERVED, evaluations)
         metas, failed = metas + more, failed + left_out
     metas, duplicates = without_duplicates(metas)
     for duplicate in duplicates:
@@ -97,13 +81,10 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     if len(metas) < fewest:
         raise TooFewIngredients(f"only {len(metas)} ingredients survived, {why}; failures: {[f.model_dump() for f in failed]}")
 
-    for meta in metas:
-        if meta.id not in evaluating:
-            start_evaluations(meta)
-    start = start or evaluate_start()
-    evaluations = [future.result() for meta in metas for future in evaluating[meta.id]]  # sweep order, split order
-    logger.info(f"{len(evaluations)} evaluations ({sum(e.reused for e in evaluations)} reused)")
-    val_accuracy = val_accuracies(evaluations)
+    evaluations.start(start)  # not pipelined: now, beside the ingredients
+    evaluated = evaluations.results(metas)  # sweep order, split order
+    logger.info(f"{len(evaluated)} evaluations ({sum(e.reused for e in evaluated)} reused)")
+    val_accuracy = val_accuracies(evaluated)
 
     # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
     first = {m: cook_soup.submit(ctx, pretrained, metas, val_accuracy, m) for m in config.soup.methods
@@ -112,7 +93,7 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
             for m in config.soup.methods if m not in first}
     soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-    paths = publish(ctx, pretrained, metas, failed, evaluations, soup_records, run_id, [f.result() for f in start], stop)
+    paths = publish(ctx, pretrained, metas, failed, evaluated, soup_records, run_id, evaluations.results([start]), stop)
     if not paths["run"].endswith(f"/{run_id}"):  # it completed a half-published folder: the run takes its name
         rename(config, paths["run"].rsplit("/", 1)[1])
     if failed:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, create_model,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, SecretStr, Tag, ValidationError,
+                      create_model, field_validator, model_validator)
 
 from model_soups.recipes import RECIPES
 from model_soups.methods import SOUP_METHODS
@@ -65,7 +63,7 @@ class StorageConfig(Strict):
             raise ValueError(f"storage root {root!r}: protocol {protocol!r} is not one of file, s3, memory")
         return root
 
-    def revealed(self) -> dict[str, Any]:
+    def revealed(self) -> dict[str, JsonValue]:
         """All fields with secrets in clear, for handing to a fine-tune process over stdin (never logged)."""
         data = self.model_dump()
         for name in ("key", "secret"):
@@ -78,7 +76,7 @@ class CustomRecipe(Strict):
     """Your own Recipe subclass, named by its import path."""
 
     name: str = Field(description="'package.module:Class' of a model_soups.recipes.base.Recipe subclass")
-    options: dict[str, Any] = Field(default_factory=dict, description="that recipe's options")
+    options: dict[str, JsonValue] = Field(default_factory=dict, description="that recipe's options")
 
     @field_validator("name")
     @classmethod
@@ -275,63 +273,3 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, RunConfig)) from None
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `key.path=value` override in place; the value is parsed as YAML (numbers, lists, ...)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set sweep.n=4")
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({error})") from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
-        if data is None and not overrides:  # most likely the wrong file: never fall back to the full default demo
-            raise ConfigError(f"config file {path}: empty. Give at least the fields that differ from the defaults "
-                              "(`soup config --defaults` prints them all), or run `soup demo`")
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return parse_config(data)
-
-
-def default_yaml() -> str:
-    """The default config as YAML, every field under its description: a file to start from."""
-    lines = ["# model-soup run config: every field with its default (soup run CONFIG.yaml; soup config --defaults)"]
-
-    def emit(model: BaseModel, indent: str) -> None:
-        values = model.model_dump(mode="json")
-        for name, field in type(model).model_fields.items():
-            if field.description:
-                lines.append(f"{indent}# {field.description}")
-            value = getattr(model, name)
-            if isinstance(value, BaseModel):
-                lines.append(f"{indent}{name}:")
-                emit(value, indent + "  ")
-            else:
-                dumped = yaml.safe_dump({name: values[name]}, sort_keys=False, default_flow_style=False, width=1000)
-                lines.extend(indent + line for line in dumped.rstrip().splitlines())
-
-    emit(RunConfig(), "")
-    return "\n".join(lines) + "\n"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import numpy as np
 import torch
-from scipy.special import log_softmax
 
 from model_soups import merge, soups
 from model_soups.config import SoupOptions
@@ -98,7 +96,7 @@ def _cook(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientR
     split_metrics = {split: result for split, (result, _) in evaluated.items()}
     record = SoupRecord(method=method, kind=SOUP_METHODS[method].kind, key=key, checkpoint=url, sha256=sha,
                         ingredients=[i.id for i in soup.ingredients], trajectory=soup.trajectory, weights=soup.weights,
-                        task=soup.task.describe() if soup.task else None,
+                        task=soup.task,
                         candidate_evaluations=scorer.evaluations, candidate_seconds=round(scorer.seconds, 4),
                         seconds=round(time.time() - started, 3), batchnorm=batchnorm, metrics=split_metrics,
                         logits_sha256={split: sha for split, (_, sha) in evaluated.items()})
@@ -133,9 +131,8 @@ class Scorer:
         started = time.time()
         self.as_published(state, n_ingredients)
         logits = predict(self.model, self.val, self.recipe.eval_batch_size, this_device())
-        labels = self.val.labels.numpy()
-        accuracy = float((logits.argmax(1) == labels).mean())
-        self.nll = float(-log_softmax(logits.astype(np.float64), axis=1)[np.arange(len(labels)), labels].mean())
+        scored = metrics(logits, self.val.labels.numpy())
+        accuracy, self.nll = scored.accuracy, scored.nll
         self.seconds += time.time() - started
         self.log(f"{self.what}: candidate {self.evaluations} val accuracy {accuracy:.4f}")
         return accuracy

@@ -33,10 +33,11 @@ def predict(model: torch.nn.Module, data: SplitData, batch_size: int = 256, devi
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
-    """Accuracy, negative log-likelihood and expected calibration error (15 equal-width bins)."""
+    """Accuracy, negative log-likelihood and expected calibration error (15 equal-width bins): the one place each is
+    computed, for evaluations, soup candidates and ensembles alike. `logits` may be log-probabilities (ensembles)."""
     log_probs = log_softmax(logits.astype(np.float64), axis=1)
     probs = np.exp(log_probs)
-    correct = probs.argmax(axis=1) == labels
+    correct = logits.argmax(axis=1) == labels  # the logits' own argmax: a tie is broken the same way everywhere
     confidence = probs.max(axis=1)
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
     ece = sum(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -20,6 +20,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
 from model_soups.methods import SOUP_METHODS  # noqa: E402
+
+if TYPE_CHECKING:
+    from model_soups.records import GreedyStep, SearchStep
 
 REFERENCES = {"pretrained": "#000000", "best_individual": "#555555"}
 SOUPS = {"uniform": "#1f77b4", "greedy": "#d62728", "learned": "#9467bd", "wiseft": "#ffd700", "wiseft_best": "#aec7e8",
@@ -119,17 +122,17 @@ def label_published(axis, row: pd.Series, text: str, others: list[tuple[float, f
                 label.remove()
 
 
-def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
+def figure_greedy(trajectory: list[GreedyStep]) -> bytes | None:
     if not trajectory:
         return None
     steps = np.arange(1, len(trajectory) + 1)
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
-    axis.plot(steps, [100 * t["individual_val"] for t in trajectory], "o", c="#999999", label="ingredient alone")
+    axis.plot(steps, [100 * t.individual_val for t in trajectory], "o", c="#999999", label="ingredient alone")
     for accepted, color, label in ((True, "#2ca02c", "added"), (False, "#d62728", "rejected")):
-        points = [(s, 100 * t["soup_val"]) for s, t in zip(steps, trajectory) if t["accepted"] == accepted]
+        points = [(s, 100 * t.soup_val) for s, t in zip(steps, trajectory) if t.accepted == accepted]
         if points:
             axis.scatter(*zip(*points), c=color, s=50, zorder=3, label=f"soup with it ({label})")
-    kept = np.maximum.accumulate([t["soup_val"] if t["accepted"] else -1 for t in trajectory]) * 100
+    kept = np.maximum.accumulate([t.soup_val if t.accepted else -1 for t in trajectory]) * 100
     axis.step(steps, kept, where="post", c="black", lw=1, label="greedy soup")
     axis.set_xlabel("ingredient, in order of val accuracy")
     axis.set_ylabel("val accuracy (%)")
@@ -139,7 +142,7 @@ def figure_greedy(trajectory: list[dict[str, Any]]) -> bytes | None:
     return _png(figure)
 
 
-def figure_searches(trajectories: dict[str, list[dict[str, Any]]]) -> bytes | None:
+def figure_searches(trajectories: dict[str, list[SearchStep]]) -> bytes | None:
     """Val accuracy of every candidate of each task-vector soup along its scale (alpha or lambda), one line per
     TIES k or DARE p; the chosen one starred."""
     if not trajectories:
@@ -148,7 +151,8 @@ def figure_searches(trajectories: dict[str, list[dict[str, Any]]]) -> bytes | No
     rows = -(-len(trajectories) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     for axis, (method, trajectory) in zip(axes.flat, trajectories.items()):
-        lines = pd.DataFrame(trajectory).assign(soup_val=lambda f: 100 * f.soup_val)
+        lines = pd.DataFrame([step.model_dump(exclude_none=True) for step in trajectory]).assign(
+            soup_val=lambda f: 100 * f.soup_val)
         line_of = [c for c in ("top_k", "drop") if c in lines]
         for value, group in lines.groupby(line_of) if line_of else [((), lines)]:
             label = ", ".join(f"{'k' if c == 'top_k' else 'p'} {v:g}" for c, v in zip(line_of, np.atleast_1d(value)))

@@ -11,8 +11,8 @@ from typing import Callable
 from model_soups import merge
 from model_soups.context import RunContext
 from model_soups.processes import FinetuneFailed, IngredientBusy, run_finetune_process
-from model_soups.records import (BUILD_LEASE_S, FailedIngredient, FinetuneJob, IngredientRecord, PretrainedRecord,
-                                 reuse_or_build)
+from model_soups.records import (BUILD_LEASE_S, DeviceSlot, FailedIngredient, FinetuneJob, IngredientRecord,
+                                 PretrainedRecord, reuse_or_build)
 from model_soups.storage import CorruptCheckpoint, Layout, Lease, StorageError, StorageUnavailable, Store
 from model_soups.sweep import IngredientSpec
 
@@ -98,11 +98,11 @@ def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: 
     return record is None or lease.is_stale(record)
 
 
-def train_ingredient(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str],
+def train_ingredient(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: DeviceSlot,
                      log: Log) -> IngredientRecord:
     """The stored ingredient if it is done, else train it; wait while another process is training it."""
     config, store, layout = ctx.config, ctx.store, ctx.layout
-    job = FinetuneJob(id=spec.id, slot=slot["name"], hparams=spec.hparams, experiment=config.experiment,
+    job = FinetuneJob(id=spec.id, slot=slot.name, hparams=spec.hparams, experiment=config.experiment,
                       lease_s=config.execution.lease_s, storage=config.storage, recipe=config.recipe, pretrained=pretrained)
     deadline = time.time() + config.execution.timeout_s
     while True:
@@ -121,7 +121,7 @@ def train_ingredient(ctx: RunContext, pretrained: PretrainedRecord, spec: Ingred
             meta = stored_ingredient(store, layout, spec.id)  # it may have stored its result before dying
             if meta is not None:
                 return meta.model_copy(update={"reused": False})
-            record_failure(store, layout, spec, failure.reason, slot["name"], log)
+            record_failure(store, layout, spec, failure.reason, slot.name, log)
             raise
     meta = stored_ingredient(store, layout, spec.id)
     if meta is None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, FinetuneJob
+from model_soups.records import BUSY_EXIT_CODE, STORAGE_EXIT_CODE, DeviceSlot, FinetuneJob
 from model_soups.storage import StorageUnavailable
 
 OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|not enough memory|MemoryError")
@@ -33,13 +33,13 @@ class FinetuneFailed(RuntimeError):
         self.reason = reason
 
 
-def device_slots(setting: int | str) -> list[dict[str, str]]:
-    """One environment per slot: a CUDA device each, or a CPU slot with one thread each."""
+def device_slots(setting: int | str) -> list[DeviceSlot]:
+    """One slot per parallel fine-tune: a CUDA device each, or a CPU slot with one thread each."""
     gpus = torch.cuda.device_count()
     count = (gpus or len(os.sched_getaffinity(0))) if setting == "auto" else int(setting)
     if gpus:
-        return [{"name": f"cuda:{i % gpus}", "CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(count)]
-    return [{"name": f"cpu:{i}", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        return [DeviceSlot(name=f"cuda:{i % gpus}", env={"CUDA_VISIBLE_DEVICES": str(i % gpus)}) for i in range(count)]
+    return [DeviceSlot(name=f"cpu:{i}", env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
             for i in range(count)]
 
 
@@ -48,15 +48,15 @@ def this_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def this_process_slot() -> dict[str, str]:
+def this_process_slot() -> DeviceSlot:
     """The slot a worker was pinned to when it started (SOUP_SLOT names it); its environment is inherited."""
     device = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return {"name": os.environ.get("SOUP_SLOT") or f"{socket.gethostname()}:{'cuda ' + device if device else 'cpu'}"}
+    return DeviceSlot(name=os.environ.get("SOUP_SLOT") or f"{socket.gethostname()}:{'cuda ' + device if device else 'cpu'}")
 
 
-def run_finetune_process(job: FinetuneJob, slot: dict[str, str], timeout_s: float, log: Callable[[str], None]) -> None:
+def run_finetune_process(job: FinetuneJob, slot: DeviceSlot, timeout_s: float, log: Callable[[str], None]) -> None:
     """Run `python -m model_soups.train` on one device slot; raise with its last output if it fails."""
-    env = {**os.environ, **{k: v for k, v in slot.items() if k != "name"}}
+    env = {**os.environ, **slot.env}
     process = subprocess.Popen([sys.executable, "-m", "model_soups.train"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     killed = threading.Event()
@@ -69,14 +69,14 @@ def run_finetune_process(job: FinetuneJob, slot: dict[str, str], timeout_s: floa
         for line in process.stdout:
             tail.append(line.rstrip())
             if line.startswith(("step ", job.id)):
-                log(f"{job.id} [{slot['name']}] {line.rstrip()}")
+                log(f"{job.id} [{slot.name}] {line.rstrip()}")
         code = process.wait()
     finally:
         timer.cancel()
     output = "\n".join(tail)
     last = next((line for line in reversed(tail) if line.strip()), "no output")
     if killed.is_set():
-        reason = f"hung: still running after execution.timeout_s={timeout_s:g}s on {slot['name']}, killed"
+        reason = f"hung: still running after execution.timeout_s={timeout_s:g}s on {slot.name}, killed"
         raise FinetuneFailed(job.id, reason, output)
     if code == BUSY_EXIT_CODE:
         raise IngredientBusy(job.id)
@@ -85,7 +85,7 @@ def run_finetune_process(job: FinetuneJob, slot: dict[str, str], timeout_s: floa
     if code < 0:
         name = signal.Signals(-code).name
         cause = " (the kernel's out-of-memory killer, or someone stopped it)" if -code == signal.SIGKILL else ""
-        raise FinetuneFailed(job.id, f"crashed: killed by {name}{cause} on {slot['name']}", output)
+        raise FinetuneFailed(job.id, f"crashed: killed by {name}{cause} on {slot.name}", output)
     if code != 0:
         kind = "out of memory" if OUT_OF_MEMORY.search(output) else f"crashed: exit code {code}"
-        raise FinetuneFailed(job.id, f"{kind} on {slot['name']}: {last}", output)
+        raise FinetuneFailed(job.id, f"{kind} on {slot.name}: {last}", output)

@@ -8,14 +8,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import torch
 
 from model_soups import merge, report
 from model_soups.context import RunContext
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
+from model_soups.records import (BUILD_LEASE_S, Cosines, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
                                  ManifestIngredient, ManifestSoup, PretrainedRecord, Publishing, SoupRecord, SweepStop)
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
 from model_soups.train import versions
@@ -99,7 +99,7 @@ def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedReco
     store.write_bytes(run.file("results.parquet"), results.to_parquet(index=False))
 
     cosines = merge.delta_cosines(store, Ingredient("pretrained", pretrained.url, pretrained.sha256), ingredients_of(metas))
-    store.write_json(run.file("cosine.json"), {"ids": [m.id for m in metas], "matrix": np.round(cosines, 6).tolist()})
+    Cosines(ids=[m.id for m in metas], matrix=cosines.round(6).tolist()).write(store, run.file("cosine.json"))
 
     final = next(r for r in soup_records if r.method == config.soup.final)
     state = store.load_checkpoint(final.checkpoint, final.sha256)
@@ -121,14 +121,15 @@ def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedReco
         files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
         config=config.model_dump(mode="json"), versions=versions(),
     )
-    paths = report.build_report(store, run.url, manifest.model_dump(mode="json"))
-    if hf_folder := export_pretrained(store, run, recipe, state, manifest.model_dump(mode="json")):
+    paths = report.build_report(store, run.url, manifest)
+    if hf_folder := export_pretrained(store, run, recipe, state, manifest):
         paths["hf"] = hf_folder
     manifest.write(store, run.manifest)  # last: a run folder is published once its manifest is there, and complete
     return {"run": run.url, "soup": run.soup, **paths}
 
 
-def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict, manifest: dict) -> str | None:
+def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict[str, torch.Tensor],
+                      manifest: Manifest) -> str | None:
     """The soup as a Hugging Face folder, `hf/` in the run folder, with a model card; None for a recipe whose model
     is not a transformers model."""
     with tempfile.TemporaryDirectory() as scratch:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from model_soups.config import RecipeConfig, StorageConfig
 from model_soups.recipes.base import stable_hash
@@ -21,6 +22,10 @@ BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: another process holds this ingredient's leas
 LEASE_POLL_S = 1.0  # how often a process waiting for another's build looks for its record
 logger = logging.getLogger(__name__)
 STORAGE_EXIT_CODE = 69  # EX_UNAVAILABLE: the storage endpoint did not answer, even after retries
+
+Scalar = str | int | float | bool | None
+Hparams = dict[str, Scalar]  # one fine-tune's hyperparameters, as the recipe's Hyperparameters model checked them
+JsonObject = dict[str, JsonValue]  # free-form by design: a recipe's own options, the run config as given
 
 
 class Record(BaseModel):
@@ -116,11 +121,11 @@ class IngredientRecord(Record):
     id: str
     status: Literal["completed", "diverged", "failed"]
     reason: str = ""
-    hparams: dict[str, Any] = Field(default_factory=dict)
+    hparams: Hparams = Field(default_factory=dict)
     checkpoint: str | None = None
     sha256: str | None = None
     source: Literal["fine-tune", "existing checkpoint"] = "fine-tune"
-    recipe: dict[str, Any] = Field(default_factory=dict)
+    recipe: JsonObject = Field(default_factory=dict)
     pretrained_url: str | None = None
     pretrained_sha256: str | None = None
     steps: int = 0
@@ -139,12 +144,21 @@ class IngredientRecord(Record):
         return self
 
 
+class DeviceSlot(BaseModel):
+    """Where one fine-tune process runs: a name for logs and records, and the environment it is given (the CUDA
+    device it sees, or one CPU thread)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    env: dict[str, str] = Field(default_factory=dict)
+
+
 class FinetuneJob(BaseModel):
     """What `python -m model_soups.train` reads on stdin: one ingredient to fine-tune."""
 
     id: str
     slot: str
-    hparams: dict[str, Any]
+    hparams: Hparams
     experiment: str
     lease_s: float
     storage: StorageConfig
@@ -173,6 +187,50 @@ class EvaluationRecord(Record, Metrics):
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class TaskMerge:
+    """theta_0 + scale * combine(tau_1..tau_N): how a task-vector soup merges its ingredients' deltas."""
+
+    combine: Literal["mean", "sum", "ties", "model_stock"]
+    scale: float = 1.0
+    top_k: float | None = None  # TIES trim: the % of each delta's entries kept, by magnitude, per tensor
+    drop: float | None = None  # DARE: the probability an entry of a delta is dropped
+    seed: int = 0
+
+
+class GreedyStep(BaseModel):
+    """One ingredient tried by the greedy soup, in order of val accuracy."""
+
+    ingredient: str
+    individual_val: float
+    soup_val: float  # the soup's val accuracy with this ingredient in it
+    accepted: bool
+    size: int  # ingredients in the soup after this step
+
+
+class SearchStep(BaseModel):
+    """One candidate merge of a task-vector soup's search on val."""
+
+    combine: str
+    scale: float
+    top_k: float | None = None
+    drop: float | None = None
+    seed: int = 0
+    soup_val: float
+    chosen: bool = False
+
+
+class StockStep(BaseModel):
+    """Model Stock's ratio for one tensor: no choice on val, but the angle between the deltas."""
+
+    tensor: str
+    cosine: float
+    t: float
+
+
+Step = GreedyStep | SearchStep | StockStep
+
+
 class SoupRecord(Record):
     """soups/<key>/record.json: one cooked soup, with its metrics on every split."""
 
@@ -182,9 +240,9 @@ class SoupRecord(Record):
     checkpoint: str
     sha256: str
     ingredients: list[str]
-    trajectory: list[dict[str, Any]] = Field(default_factory=list)
+    trajectory: list[Step] = Field(default_factory=list)
     weights: list[float] | dict[str, list[float]]
-    task: dict[str, Any] | None = None  # a task-vector merge: theta_0 + scale * combine(deltas), as chosen on val
+    task: TaskMerge | None = None  # a task-vector merge, as chosen on val
     candidate_evaluations: int = 0
     candidate_seconds: float = 0.0
     seconds: float = 0.0
@@ -198,8 +256,8 @@ class SweepTrial(BaseModel):
     every round, so a re-run asks exactly what the first run asked) and, once scored, its value."""
 
     id: str
-    hparams: dict[str, Any]
-    params: dict[str, Any]
+    hparams: Hparams
+    params: dict[str, Scalar]
     value: float | None = None
 
 
@@ -246,14 +304,14 @@ class FailedIngredient(BaseModel):
     id: str
     status: str
     reason: str
-    hparams: dict[str, Any] = Field(default_factory=dict)
+    hparams: Hparams = Field(default_factory=dict)
 
 
 class ManifestIngredient(BaseModel):
     id: str
     checkpoint: str
     sha256: str
-    hparams: dict[str, Any]
+    hparams: Hparams
     val_accuracy: float
 
 
@@ -265,7 +323,14 @@ class ManifestSoup(BaseModel):
     weights: list[float] | dict[str, list[float]]
     batchnorm: str
     candidate_evaluations: int
-    task: dict[str, Any] | None = None
+    task: TaskMerge | None = None
+
+
+class Cosines(Record):
+    """runs/<run_id>/cosine.json: the cosine similarity of every two ingredients' deltas from the pretrained start."""
+
+    ids: list[str]
+    matrix: list[list[float]]
 
 
 class Publishing(Record):
@@ -285,15 +350,15 @@ class Manifest(Record):
     final: str
     soup: str
     soup_ingredients: int
-    recipe: dict[str, Any]
+    recipe: JsonObject
     fingerprint: str
     pretrained: PretrainedRecord
     ingredients: list[ManifestIngredient]
     failed: list[FailedIngredient]
     best_individual: str
     soups: dict[str, ManifestSoup]
-    greedy_trajectory: list[dict[str, Any]]
+    greedy_trajectory: list[GreedyStep]
     sweep_stop: SweepStop | None = None
     files: dict[str, str]
-    config: dict[str, Any]
+    config: JsonObject
     versions: dict[str, str]

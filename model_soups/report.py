@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jinja2
 import numpy as np
@@ -18,14 +18,15 @@ from markdown_it import MarkdownIt
 
 from model_soups.figures import (METHOD_KINDS, figure_cosines, figure_greedy, figure_id_vs_ood, figure_searches,
                                  figure_splits)
-from model_soups.records import SweepStop
+from model_soups.records import (Cosines, GreedyStep, Manifest, ManifestSoup, Scalar, SearchStep, SoupRecord, Step,
+                                 SweepStop, TaskMerge)
 from model_soups.methods import SOUP_METHODS
 from model_soups.storage import RunFolder, Store
 
 COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]
 
 
-def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def results_frame(rows: list[dict[str, Scalar]]) -> pd.DataFrame:
     frame = whole_numbers(pd.DataFrame(rows))
     return frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]
 
@@ -67,19 +68,18 @@ def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}" if value == 0 or abs(value) >= 0.1 else f"{value:.3g}"
 
 
-def cosine_order(cosine: dict[str, Any], manifest: dict[str, Any]) -> tuple[list[str], list[list[float]], list[str]]:
+def cosine_order(cosine: Cosines, manifest: Manifest) -> tuple[list[str], list[list[float]], list[str]]:
     """The cosine matrix reordered by val accuracy, best first, with `id (lr)` labels."""
-    by_id = {i["id"]: i for i in manifest["ingredients"]}
-    order = sorted(range(len(cosine["ids"])), key=lambda k: -by_id.get(cosine["ids"][k], {}).get("val_accuracy", 0))
-    ids = [cosine["ids"][k] for k in order]
-    matrix = [[cosine["matrix"][a][b] for b in order] for a in order]
-    labels = [f"{i[:6]} ({by_id[i]['hparams']['lr']:.1e})" if "lr" in by_id.get(i, {}).get("hparams", {}) else i[:6]
-              for i in ids]
+    by_id = {i.id: i for i in manifest.ingredients}
+    order = sorted(range(len(cosine.ids)), key=lambda k: -by_id[cosine.ids[k]].val_accuracy if cosine.ids[k] in by_id else 0)
+    ids = [cosine.ids[k] for k in order]
+    matrix = [[cosine.matrix[a][b] for b in order] for a in order]
+    labels = [f"{i[:6]} ({by_id[i].hparams['lr']:.1e})" if i in by_id and "lr" in by_id[i].hparams else i[:6] for i in ids]
     return ids, matrix, labels
 
 
-def methods_details(results: pd.DataFrame, soups: dict[str, dict] | None = None,
-                    trajectories: dict[str, list[dict[str, Any]]] | None = None) -> pd.DataFrame:
+def methods_details(results: pd.DataFrame, soups: dict[str, ManifestSoup] | None = None,
+                    trajectories: dict[str, list[Step]] | None = None) -> pd.DataFrame:
     """Next to `summary`'s accuracies, in a table of its own so that each fits a page: how many ingredients each
     method averaged, the test split's NLL and ECE (calibration), and what each task-vector soup chose on val
     (`soups`: the manifest's; `trajectories`: their records')."""
@@ -88,22 +88,22 @@ def methods_details(results: pd.DataFrame, soups: dict[str, dict] | None = None,
     for column in ("nll", "ece"):
         if column in test:
             table[f"test_{column}"] = test[column].reindex(table.index)
-    chosen = {SOUP_METHODS[m].kind: chosen_merge(m, s["task"], (trajectories or {}).get(m, []))
-              for m, s in (soups or {}).items() if s.get("task")}
+    chosen = {SOUP_METHODS[m].kind: chosen_merge(m, s.task, (trajectories or {}).get(m, []))
+              for m, s in (soups or {}).items() if s.task}
     if chosen:
         table["chosen on val"] = [chosen.get(kind, "") for kind in table.index]
     return table
 
 
-def chosen_merge(method: str, task: dict[str, Any], trajectory: list[dict[str, Any]] = ()) -> str:
+def chosen_merge(method: str, task: TaskMerge, trajectory: Sequence[Step] = ()) -> str:
     """alpha for WiSE-FT, lambda for the other task-vector merges, with TIES's k and DARE's p; Model Stock's t is
     no choice on val but the deltas' angle, per tensor: its median and range."""
-    if task["combine"] == "model_stock":
-        ratios = [step["t"] for step in trajectory]
+    if task.combine == "model_stock":
+        ratios = [step.t for step in trajectory]
         return f"t {np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), no val" if ratios else "no val"
-    words = [f"{'α' if method.startswith('wiseft') else 'λ'} {task['scale']:g}"]
-    words += [f"k {task['top_k']:g}%"] if "top_k" in task else []
-    words += [f"p {task['drop']:g}"] if "drop" in task else []
+    words = [f"{'α' if method.startswith('wiseft') else 'λ'} {task.scale:g}"]
+    words += [f"k {task.top_k:g}%"] if task.top_k is not None else []
+    words += [f"p {task.drop:g}"] if task.drop is not None else []
     return ", ".join(words)
 
 
@@ -126,11 +126,10 @@ def ingredients_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
 ONE_INGREDIENT = "The greedy soup is the best fine-tune: no other ingredient kept val accuracy."
 
 
-def stop_summary(stop: dict[str, Any] | None) -> str:
+def stop_summary(stop: SweepStop | None) -> str:
     """How far a sweep with sweep.stop went (the manifest's `sweep_stop`), and what it saved."""
-    if not stop:
+    if stop is None:
         return ""
-    stop = SweepStop.model_validate(stop)
     if not stop.saved:
         return (f" The sweep ran all {stop.planned} planned fine-tunes in {len(stop.rounds)} round(s): the greedy soup "
                 "never stopped gaining long enough to stop it.")
@@ -138,17 +137,17 @@ def stop_summary(stop: dict[str, Any] | None) -> str:
             f"{stop.fine_tuned} of {stop.planned} planned fine-tunes, **{stop.saved} saved**.")
 
 
-def what_happened(results: pd.DataFrame, trajectory: list[dict[str, Any]]) -> str:
+def what_happened(results: pd.DataFrame, trajectory: list[GreedyStep]) -> str:
     """The val set's size and resolution, and what the greedy soup did, in words."""
     val = results[results.split == "val"]
     size = int(val["n"].iloc[0]) if "n" in val and len(val) else 0
     words = [f"Val has {size} examples: one example is {100 / size:.2f} points." if size else ""]
-    kept = [t for t in trajectory if t["accepted"]]
+    kept = [t for t in trajectory if t.accepted]
     if len(kept) == 1:
         words.append(ONE_INGREDIENT)
     elif kept:
-        words.append(f"The greedy soup kept {len(kept)} of {len(trajectory)} ingredients: val {100 * kept[-1]['soup_val']:.2f} "
-                     f"against {100 * kept[0]['soup_val']:.2f} for the best fine-tune.")
+        words.append(f"The greedy soup kept {len(kept)} of {len(trajectory)} ingredients: val {100 * kept[-1].soup_val:.2f} "
+                     f"against {100 * kept[0].soup_val:.2f} for the best fine-tune.")
     return " ".join(w for w in words if w)
 
 
@@ -156,19 +155,19 @@ def read_results(store: Store, run_url: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(store.read_bytes(RunFolder(run_url).file("results.csv"))))
 
 
-def build_report(store: Store, run_url: str, manifest: dict[str, Any] | None = None) -> dict[str, str]:
+def build_report(store: Store, run_url: str, manifest: Manifest | None = None) -> dict[str, str]:
     """Write report.md, report.html and figures/*.png into the run folder; return their URLs. `manifest`: the one
     about to be written (publishing writes it last), else the stored one."""
     run = RunFolder(run_url)
     results = read_results(store, run_url)
-    manifest = manifest if manifest is not None else store.read_json(run.manifest)
+    manifest = manifest if manifest is not None else Manifest.read(store, run.manifest)
     cosine_url = run.file("cosine.json")
-    cosine = store.read_json(cosine_url) if store.exists(cosine_url) else {"ids": [], "matrix": []}
-    trajectory = manifest.get("greedy_trajectory", [])
-    trajectories = {method: store.read_json(soup["record"])["trajectory"] for method, soup in manifest["soups"].items()
-                    if soup.get("task")}
-    searches = {method: steps for method, steps in trajectories.items() if steps and "soup_val" in steps[0]}  # chosen on val
-    published = SOUP_METHODS[manifest["final"]].kind
+    cosine = Cosines.read(store, cosine_url) if store.exists(cosine_url) else Cosines(ids=[], matrix=[])
+    trajectory = manifest.greedy_trajectory
+    trajectories = {method: SoupRecord.read(store, soup.record).trajectory for method, soup in manifest.soups.items()
+                    if soup.task}
+    searches = {method: steps for method, steps in trajectories.items() if steps and isinstance(steps[0], SearchStep)}
+    published = SOUP_METHODS[manifest.final].kind
     figures = {
         "id_vs_ood": ("In distribution vs distribution shift", figure_id_vs_ood(results, published)),
         "greedy": ("Greedy soup trajectory", figure_greedy(trajectory)),
@@ -180,22 +179,21 @@ def build_report(store: Store, run_url: str, manifest: dict[str, Any] | None = N
     for name, (_, png) in figures.items():
         store.write_bytes(run.figure(name), png)
 
-    failed = manifest.get("failed", [])
-    final = manifest["final"]
+    final = manifest.final
     ingredients = ingredients_tables(results)
     sections = [
-        ("Summary", f"Experiment `{manifest['experiment']}`, run `{manifest['run_id']}`: {len(manifest['ingredients'])} "
-                    f"ingredients of recipe `{manifest['recipe']['recipe']}`. Published soup: **{final}** "
-                    f"({manifest['soup_ingredients']} ingredients). Accuracy in percent; `val` chose, `test` and "
-                    f"`ood:*` did not. {what_happened(results, trajectory)}{stop_summary(manifest.get('sweep_stop'))}"),
+        ("Summary", f"Experiment `{manifest.experiment}`, run `{manifest.run_id}`: {len(manifest.ingredients)} "
+                    f"ingredients of recipe `{manifest.recipe['recipe']}`. Published soup: **{final}** "
+                    f"({manifest.soup_ingredients} ingredients). Accuracy in percent; `val` chose, `test` and "
+                    f"`ood:*` did not. {what_happened(results, trajectory)}{stop_summary(manifest.sweep_stop)}"),
         ("Methods: accuracy (%)", markdown_table(summary(results).drop(columns="n_ingredients"))),
         ("Methods: ingredients, calibration on test, choices on val",
-         markdown_table(methods_details(results, manifest.get("soups"), trajectories))),
-        ("Greedy soup trajectory", markdown_table(pd.DataFrame(trajectory).assign(
+         markdown_table(methods_details(results, manifest.soups, trajectories))),
+        ("Greedy soup trajectory", markdown_table(pd.DataFrame([t.model_dump() for t in trajectory]).assign(
             individual_val=lambda f: f.individual_val * 100, soup_val=lambda f: f.soup_val * 100)) if trajectory else "not cooked"),
         ("Ingredients: accuracy (%)", markdown_table(ingredients[0])),
         ("Ingredients: hyperparameters that vary", markdown_table(ingredients[1])),
-        ("Failed or diverged ingredients", "\n".join(f"- `{f['id']}`: {f['status']}: {f['reason']}" for f in failed) or "none"),
+        ("Failed or diverged ingredients", "\n".join(f"- `{f.id}`: {f.status}: {f.reason}" for f in manifest.failed) or "none"),
     ]
     markdown = ["# Model soup report", ""]
     for title, body in sections:
@@ -220,23 +218,23 @@ def embedded_markdown(store: Store, run_url: str) -> str:
     return re.sub(r"\]\(figures/([\w-]+)\.png\)", inline, store.read_bytes(run.file("report.md")).decode())
 
 
-def model_card(manifest: dict[str, Any], results: pd.DataFrame, metadata: dict[str, str]) -> str:
+def model_card(manifest: Manifest, results: pd.DataFrame, metadata: dict[str, str]) -> str:
     """README.md of the published Hugging Face folder, in the Hub's format: YAML metadata (`metadata` from the
     recipe: base_model, license), then the soup."""
-    final = manifest["final"]
+    final = manifest.final
     table = summary(results)
-    soup = manifest["soups"][final]
-    weights = soup["weights"] if isinstance(soup["weights"], list) else None
-    val = {i["id"]: i["val_accuracy"] for i in manifest["ingredients"]}
+    soup = manifest.soups[final]
+    weights = soup.weights if isinstance(soup.weights, list) else None
+    val = {i.id: i.val_accuracy for i in manifest.ingredients}
     rows = [f"| `{i}` | {100 * val[i]:.2f} |" + (f" {weights[k]:.3g} |" if weights else " per tensor |")
-            for k, i in enumerate(soup["ingredients"])]
+            for k, i in enumerate(soup.ingredients)]
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-classification",
         *(f"{name}: {value}" for name, value in metadata.items()), "tags:", "- model-soup", f"- {final}-soup", "---", "",
-        f"# Model soup: {manifest['experiment']}, run {manifest['run_id']}", "",
-        f"The {final} soup of {len(soup['ingredients'])} fine-tunes of one pretrained model: their weights averaged into "
+        f"# Model soup: {manifest.experiment}, run {manifest.run_id}", "",
+        f"The {final} soup of {len(soup.ingredients)} fine-tunes of one pretrained model: their weights averaged into "
         "one model, at no extra inference cost ([Wortsman et al., Model soups, ICML 2022](https://arxiv.org/abs/2203.05482)). "
-        f"Published by model-soups from a sweep of {len(manifest['ingredients'])} fine-tunes.", "",
+        f"Published by model-soups from a sweep of {len(manifest.ingredients)} fine-tunes.", "",
         "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
         "model = AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)",
         "tokenizer = AutoTokenizer.from_pretrained(FOLDER)", "```", "",

@@ -10,7 +10,7 @@ deltas from the pretrained start (`task_vectors`).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import groupby
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,13 +21,14 @@ from scipy.special import log_softmax
 
 from model_soups import task_vectors
 from model_soups.config import SoupOptions
+from model_soups.evaluate import metrics
 from model_soups.learned import SubsetAdam, project_gradients, stream
 from model_soups.merge import Ingredient, mean_of, on_local_disk, weighted_average, weighted_sum
 from model_soups.methods import (SOUP_METHODS, DareOptions, DareTiesOptions, LearnedOptions, TaskArithmeticOptions,
                                  TiesOptions, WiseFTBestOptions, WiseFTOptions)
 from model_soups.recipes.base import SplitData, logits_of
+from model_soups.records import GreedyStep, SearchStep, Step, StockStep, TaskMerge
 from model_soups.storage import Store, TensorInfo
-from model_soups.task_vectors import TaskMerge
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 
@@ -37,7 +38,7 @@ class Soup:
     method: str
     ingredients: list[Ingredient]
     weights: list[float] | dict[str, list[float]]
-    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[Step] = field(default_factory=list)
     task: TaskMerge | None = None  # theta_0 + scale * combine(deltas of the ingredients), instead of the weights
 
     @property
@@ -103,14 +104,14 @@ def greedy_soup(ctx: SoupContext, o: None = None) -> Soup:
     """Recipe 1 of the paper: add the next-best ingredient if val accuracy does not drop. N-1 evaluations."""
     best, *rest = ctx.ranked
     chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, ctx.accumulate, ctx.reference), ctx.val_accuracy[best.id]
-    trajectory = [{"ingredient": best.id, "individual_val": best_score, "soup_val": best_score, "accepted": True, "size": 1}]
+    trajectory = [GreedyStep(ingredient=best.id, individual_val=best_score, soup_val=best_score, accepted=True, size=1)]
     for ingredient in rest:
         candidate, score = with_one_more(ctx, total, len(chosen), ingredient)
         accepted = accepts(score, best_score, ctx.rule)
         if accepted:
             chosen, total, best_score = chosen + [ingredient], candidate, score
-        trajectory.append({"ingredient": ingredient.id, "individual_val": ctx.val_accuracy[ingredient.id],
-                           "soup_val": score, "accepted": accepted, "size": len(chosen)})
+        trajectory.append(GreedyStep(ingredient=ingredient.id, individual_val=ctx.val_accuracy[ingredient.id],
+                                     soup_val=score, accepted=accepted, size=len(chosen)))
     return Soup("greedy", chosen, [1.0] * len(chosen), trajectory)
 
 
@@ -191,11 +192,11 @@ def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges:
         tau = task_vectors.task_vector(ctx.store, theta0, ingredients, shape, accumulate, ctx.reference)
         for merge in group:
             score = ctx.score(task_vectors.apply(theta0, tau, merge.scale, ctx.reference), len(ingredients) + 1)
-            trajectory.append({**merge.describe(), "soup_val": score, "chosen": False})
-            if best is None or score > trajectory[best]["soup_val"]:
+            trajectory.append(SearchStep(**asdict(merge), soup_val=score))
+            if best is None or score > trajectory[best].soup_val:
                 best = len(trajectory) - 1
         del tau
-    trajectory[best]["chosen"] = True
+    trajectory[best] = trajectory[best].model_copy(update={"chosen": True})
     chosen = merges[best]
     return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
 
@@ -235,7 +236,7 @@ def model_stock(ctx: SoupContext, o: None = None) -> Soup:
     merge, stock, accumulate = TaskMerge("model_stock"), {}, ctx.accumulate
     theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
     task_vectors.task_vector(ctx.store, theta0, ctx.ranked, merge, accumulate, ctx.reference, stock)
-    trajectory = [{"tensor": name, "cosine": cosine, "t": t} for name, (cosine, t) in stock.items()]
+    trajectory = [StockStep(tensor=name, cosine=cosine, t=t) for name, (cosine, t) in stock.items()]
     return Soup("model_stock", list(ctx.ranked), [1.0] * len(ctx.ranked), trajectory, merge)
 
 
@@ -283,7 +284,7 @@ def greedy_ensemble(ranked: Sequence[str], val_logits: Mapping[str, np.ndarray],
     """The greedy recipe applied to output ensembles, from stored val logits: no forward pass."""
 
     def accuracy(members: list[str]) -> float:
-        return float((ensemble_logits([val_logits[m] for m in members]).argmax(1) == labels).mean())
+        return metrics(ensemble_logits([val_logits[m] for m in members]), labels).accuracy
 
     chosen = [ranked[0]]
     best = accuracy(chosen)

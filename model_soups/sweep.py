@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_soups.config import ConfigError, Range, SearchSpace, StopRule, describe_validation_error
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.records import StopRound
+from model_soups.records import Hparams, StopRound
 from model_soups.storage import as_url
 
 
@@ -21,11 +21,11 @@ class IngredientSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     id: str
-    hparams: dict[str, Any] = Field(default_factory=dict)
+    hparams: Hparams = Field(default_factory=dict)
     checkpoint: str | None = None
 
 
-def ingredient_id(recipe: Recipe, fingerprint: str, hparams: dict[str, Any]) -> str:
+def ingredient_id(recipe: Recipe, fingerprint: str, hparams: Hparams) -> str:
     return stable_hash({"recipe": recipe.describe(), "fingerprint": fingerprint, "hparams": hparams})
 
 
@@ -72,7 +72,7 @@ def expand(space: SearchSpace, recipe: Recipe, fingerprint: str) -> list[Ingredi
     return list(specs.values())
 
 
-def validate_hparams(recipe: Recipe, sample: dict[str, Any]) -> dict[str, Any]:
+def validate_hparams(recipe: Recipe, sample: Hparams) -> Hparams:
     try:
         hparams = recipe.Hyperparameters.model_validate(sample)
     except ValidationError as error:

@@ -22,27 +22,13 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from model_soups.merge import Ingredient, check_finite, open_all, weighted_sum
+from model_soups.records import TaskMerge
 from model_soups.storage import CorruptCheckpoint, Store, TensorInfo
-
-
-@dataclass(frozen=True)
-class TaskMerge:
-    """theta_0 + scale * combine(tau_1..tau_N)."""
-
-    combine: Literal["mean", "sum", "ties", "model_stock"]
-    scale: float = 1.0
-    top_k: float | None = None  # TIES trim: the % of each delta's entries kept, by magnitude, per tensor
-    drop: float | None = None  # DARE: the probability an entry of a delta is dropped
-    seed: int = 0
-
-    def describe(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None and not (k == "seed" and self.drop is None)}
 
 
 def dare_keep(shape: Sequence[int], drop: float, seed: int, ingredient: str, name: str) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Callable
 
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -16,10 +15,11 @@ from prefect.states import Crashed
 from model_soups import ingredients
 from model_soups.context import RunContext
 from model_soups.processes import device_slots
-from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord
+from model_soups.records import DeviceSlot, FailedIngredient, IngredientRecord, PretrainedRecord
 from model_soups.storage import StorageUnavailable
 from model_soups.sweep import IngredientSpec
 from tasks import QUIET, artifact_key
+from tasks.evaluation import Evaluations
 
 
 def unless_storage_is_down(task, task_run, state) -> bool:
@@ -42,7 +42,7 @@ def prepare(ctx: RunContext) -> PretrainedRecord:
 
 @task(name="finetune", task_run_name="finetune-{spec.id}", retry_delay_seconds=2, retry_condition_fn=unless_storage_is_down,
       **QUIET)
-def finetune(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: dict[str, str]) -> IngredientRecord:
+def finetune(ctx: RunContext, pretrained: PretrainedRecord, spec: IngredientSpec, slot: DeviceSlot) -> IngredientRecord:
     """One ingredient in its own process on one device slot; a verified stored result is reused."""
     log = get_run_logger().info
     if spec.checkpoint:
@@ -90,10 +90,10 @@ def finetune_on_pool(ctx: RunContext, pretrained: PretrainedRecord, spec: Ingred
 
 
 def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
-            ready: Callable[[IngredientRecord], None] = lambda meta: None) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
+            evaluations: Evaluations) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
     """Fine-tune every ingredient: on this machine's device slots, one fine-tune each, or as runs on the GPU
-    work pool, at most `in_flight` at once there (each waits in a thread of the flow's task runner). `ready` is
-    called with each completed ingredient as soon as it is verified. Returns the completed ones in sweep order,
+    work pool, at most `in_flight` at once there (each waits in a thread of the flow's task runner). Each completed
+    ingredient is handed to `evaluations` as soon as it is verified. Returns the completed ones in sweep order,
     and those left out with why."""
     logger, config = get_run_logger(), ctx.config
     progress = create_progress_artifact(0.0, key=artifact_key(config, "finetune-progress"),
@@ -106,7 +106,7 @@ def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[Ingredien
         free = [None] * min(in_flight, len(specs))  # no device slots here: the pool's workers have them
     else:
         free = device_slots(config.execution.device_slots)
-        logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s['name'] for s in free]}")
+        logger.info(f"fine-tuning {len(specs)} ingredients on {len(free)} device slots: {[s.name for s in free]}")
     local = finetune.with_options(retries=config.execution.retries)
     on_pool = finetune_on_pool.with_options(retries=config.execution.retries)
     while pending or running:
@@ -123,7 +123,7 @@ def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[Ingredien
             raise outcome  # not the ingredient's fault: stop, and let a re-run resume from what is stored
         if isinstance(outcome, IngredientRecord) and outcome.status == "completed":
             completed.append(outcome)
-            ready(outcome)
+            evaluations.ready(outcome)
         else:
             if isinstance(outcome, IngredientRecord):  # diverged: a stored result
                 status, reason = outcome.status, outcome.reason

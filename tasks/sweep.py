@@ -3,8 +3,6 @@ when the greedy soup stops gaining (sweep.stop); a table artifact of the rounds 
 
 from __future__ import annotations
 
-from typing import Callable
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
@@ -16,6 +14,7 @@ from model_soups.records import (FailedIngredient, IngredientRecord, PretrainedR
 from model_soups.sweep import IngredientSpec
 from tasks import QUIET, artifact_key
 from tasks.cooking import cook_soup
+from tasks.evaluation import Evaluations
 from tasks.ingredients import fan_out
 
 
@@ -53,9 +52,8 @@ def score_round(ctx: RunContext, key: str, pretrained: PretrainedRecord, propose
 
 
 def soup_aware(ctx: RunContext, pretrained: PretrainedRecord, in_flight: int,
-               ready: Callable[[IngredientRecord], None],
-               val_of: Callable[[IngredientRecord], float]) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
-    """Rounds of propose, fine-tune (evaluations start as each is verified: `ready`), score, until sweep.n
+               evaluations: Evaluations) -> tuple[list[IngredientRecord], list[FailedIngredient]]:
+    """Rounds of propose, fine-tune (handing each to `evaluations` as it is verified), score, until sweep.n
     fine-tunes; a table artifact shows every round. Returns the completed ingredients and those left out."""
     logger, config = get_run_logger(), ctx.config
     key = soup_sweep.sweep_key(config.sweep, ctx.plan)
@@ -66,8 +64,8 @@ def soup_aware(ctx: RunContext, pretrained: PretrainedRecord, in_flight: int,
     failed: list[FailedIngredient] = []
     while not soup_sweep.done(config.sweep, history):
         proposed = propose_round(ctx, key, len(history), history)
-        joined, left_out = fan_out(ctx, pretrained, soup_sweep.specs(proposed), in_flight, ready)
-        val_accuracy = {m.id: val_of(m) for m in metas + joined}
+        joined, left_out = fan_out(ctx, pretrained, soup_sweep.specs(proposed), in_flight, evaluations)
+        val_accuracy = {m.id: evaluations.val_accuracy(m) for m in metas + joined}
         history.append(score_round(ctx, key, pretrained, proposed, metas, joined, val_accuracy))
         metas, failed = metas + joined, failed + left_out
         gain = "fall in val NLL" if config.sweep.objective == "nll" else "rise in val accuracy"
@@ -81,8 +79,7 @@ def soup_aware(ctx: RunContext, pretrained: PretrainedRecord, in_flight: int,
 
 
 def stop_early(ctx: RunContext, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
-               ready: Callable[[IngredientRecord], None],
-               val_of: Callable[[IngredientRecord], float]) -> tuple[list[IngredientRecord], list[FailedIngredient], SweepStop]:
+               evaluations: Evaluations) -> tuple[list[IngredientRecord], list[FailedIngredient], SweepStop]:
     """Fine-tune the planned sweep in rounds (sweep.stop). After each round the greedy soup of every completed
     ingredient is cooked (a stored soup is reused, so a re-run resumes and stops where the first run did), and the
     sweep stops once it has stopped gaining on val. Returns the completed ingredients, those left out, and the rounds."""
@@ -92,11 +89,11 @@ def stop_early(ctx: RunContext, pretrained: PretrainedRecord, specs: list[Ingred
     failed: list[FailedIngredient] = []
     rounds: list[StopRound] = []
     for index, batch in enumerate(sweep.stop_rounds(specs, rule)):
-        joined, left_out = fan_out(ctx, pretrained, batch, in_flight, ready)
+        joined, left_out = fan_out(ctx, pretrained, batch, in_flight, evaluations)
         metas, failed = metas + joined, failed + left_out
         members, soup_val = [], 0.0
         if metas:  # only completed ingredients: a failed one never joins a soup
-            soup = cook_soup(ctx, pretrained, metas, {m.id: val_of(m) for m in metas}, "greedy")
+            soup = cook_soup(ctx, pretrained, metas, {m.id: evaluations.val_accuracy(m) for m in metas}, "greedy")
             members, soup_val = soup.ingredients, soup.metrics["val"].accuracy
         gain = soup_val - (rounds[-1].soup_val if rounds else 0.0)
         rounds.append(StopRound(index=index, fine_tunes=[s.id for s in batch], soup=members, soup_val=soup_val, gain=gain))

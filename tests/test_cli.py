@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flows.cli import main, prefect_defaults
-from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
+from model_soups.config import ConfigError, RunConfig, StorageConfig, parse_config
+from model_soups.config_files import load_config
 from model_soups.recipes.base import get_recipe
 from model_soups.storage import Store
 from model_soups.sweep import expand

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model_soups.config import ConfigError, RunConfig, StorageConfig, load_config, parse_config
+from model_soups.config import ConfigError, RunConfig, StorageConfig, parse_config
+from model_soups.config_files import load_config
 from model_soups.context import make_plan
 from model_soups.recipes.base import get_recipe
 from model_soups.storage import StorageError, Store
@@ -215,7 +216,7 @@ def test_parsing_a_config_imports_neither_torch_nor_s3fs(tmp_path):
 
     config = tmp_path / "config.yaml"
     config.write_text("recipe: {name: text, options: {max_length: 64}}\nsoup: {methods: [greedy, ties, wiseft]}\n")
-    script = ("import sys; from model_soups.config import load_config; c = load_config(sys.argv[1]);"
+    script = ("import sys; from model_soups.config_files import load_config; c = load_config(sys.argv[1]);"
               "assert c.soup.ties.top_k and c.recipe.options.max_length == 64;"
               "print(sorted(m for m in ('torch', 's3fs', 'fsspec', 'scipy', 'numpy', 'pandas', 'transformers') "
               "if m in sys.modules))")

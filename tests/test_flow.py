@@ -111,7 +111,7 @@ def test_model_stock_is_cooked_from_every_fine_tune_without_a_val_evaluation(fir
     _, paths = first_run
     manifest = json.loads((local(paths["run"]) / "manifest.json").read_text())
     soup = manifest["soups"]["model_stock"]
-    assert soup["task"] == {"combine": "model_stock", "scale": 1.0} and soup["candidate_evaluations"] == 0
+    assert (soup["task"]["combine"], soup["task"]["scale"]) == ("model_stock", 1.0) and soup["candidate_evaluations"] == 0
     assert len(soup["ingredients"]) == len(manifest["ingredients"])
     ratios = [step["t"] for step in json.loads(local(soup["record"]).read_text())["trajectory"]]
     assert ratios and all(0 <= t <= 1 for t in ratios)

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from model_soups.config import ConfigError, RunConfig, SearchSpace, StorageConfig, load_config, parse_config
+from model_soups.config import ConfigError, RunConfig, SearchSpace, StorageConfig, parse_config
+from model_soups.config_files import load_config
 from model_soups.recipes.base import get_recipe
 from model_soups.storage import Layout, Store
 from model_soups.sweep import expand

@@ -52,7 +52,7 @@ def test_two_fine_tunes_at_right_angles_keep_the_start_and_parallel_ones_keep_th
     assert stock_ratio(-0.3, 4) == 0.0  # deltas that disagree on average: the tensor stays at theta_0
     ctx = scalar_context(store, 1.0, [2.0, 4.0], lambda w: 0.0)  # one entry: deltas 1 and 3 are parallel, cos 1
     soup = model_stock(ctx)
-    assert soup.task == STOCK and soup.trajectory == [{"tensor": "w", "cosine": pytest.approx(1.0), "t": pytest.approx(1.0)}]
+    assert soup.task == STOCK and [(s.tensor, s.cosine, s.t) for s in soup.trajectory] == [("w", pytest.approx(1.0), pytest.approx(1.0))]
     assert soup_state(store, soup, ctx.pretrained, ctx.reference, torch.float64)["w"].item() == pytest.approx(3.0)
 
 
@@ -60,7 +60,7 @@ def test_model_stock_needs_no_val_and_publishes_what_it_computed(store):
     ctx = scalar_context(store, 0.0, [1.0, -1.0, 2.0], lambda w: 0.0)
     ctx.score = lambda state, n: pytest.fail("Model Stock scored a candidate on val")
     soup = model_stock(ctx)  # pairwise cosines -1, 1, -1: mean -1/3, so t = 0 and w stays at the start
-    assert soup.trajectory[0]["t"] == 0.0
+    assert soup.trajectory[0].t == 0.0
     assert soup_state(store, soup, ctx.pretrained, ctx.reference, torch.float32)["w"].item() == 0.0
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 
+from model_soups.records import GreedyStep
 from model_soups.report import ONE_INGREDIENT, what_happened
 
 
-def trajectory(accepted: list[bool]) -> list[dict]:
-    return [{"ingredient": f"i{k}", "individual_val": 0.9, "soup_val": 0.9 + 0.001 * k, "accepted": a, "size": 0}
+def trajectory(accepted: list[bool]) -> list[GreedyStep]:
+    return [GreedyStep(ingredient=f"i{k}", individual_val=0.9, soup_val=0.9 + 0.001 * k, accepted=a, size=0)
             for k, a in enumerate(accepted)]
 
 

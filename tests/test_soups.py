@@ -73,7 +73,7 @@ def test_greedy_adds_what_improves_the_average_and_rejects_what_hurts_it(store):
     # Alone, 3 and 1 both score -1; together they average 2, the optimum. Adding 5 then moves the average away.
     chosen, soup = greedy_with(store, [3.0, 1.0, 5.0], peaked(2.0), ">=")
     assert chosen == ["i0", "i1"] and reference_greedy([3.0, 1.0, 5.0], peaked(2.0), ">=") == ["i0", "i1"]
-    assert [t["accepted"] for t in soup.trajectory] == [True, True, False]
+    assert [t.accepted for t in soup.trajectory] == [True, True, False]
 
 
 @pytest.mark.parametrize("rule", [">=", ">"])

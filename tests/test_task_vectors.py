@@ -8,6 +8,7 @@ import torch
 
 from model_soups.config import ConfigError, parse_config
 from model_soups.merge import CheckpointMismatch, Ingredient, NonFiniteCheckpoint
+from model_soups.records import SearchStep
 from model_soups.methods import TaskArithmeticOptions, TiesOptions, WiseFTBestOptions, WiseFTOptions
 from model_soups.soups import SoupContext, search, soup_state, task_arithmetic, ties, wiseft_best, wiseft_soup
 from model_soups.storage import CorruptCheckpoint
@@ -149,16 +150,16 @@ def test_wiseft_chooses_alpha_on_val_and_publishes_exactly_what_it_scored(store)
     ctx = scalar_context(store, 0.0, [2.0, 4.0, 9.0], lambda w: -abs(w - 1.8))
     soup = wiseft_soup(ctx, WiseFTOptions())
     assert soup.task == TaskMerge("mean", 0.6) and [i.id for i in soup.ingredients] == ["i0", "i1"]
-    assert len(soup.trajectory) == 11 and [t["scale"] for t in soup.trajectory if t["chosen"]] == [0.6]
+    assert len(soup.trajectory) == 11 and [t.scale for t in soup.trajectory if t.chosen] == [0.6]
     published = soup_state(store, soup, ctx.pretrained, ctx.reference, torch.float32)
-    assert ctx.score(published, 3) == max(t["soup_val"] for t in soup.trajectory)
+    assert ctx.score(published, 3) == max(t.soup_val for t in soup.trajectory)
 
 
 def test_wiseft_best_and_fixed_values(store):
     ctx = scalar_context(store, 0.0, [2.0, 4.0], lambda w: -abs(w - 1.0))
     soup = wiseft_best(ctx, WiseFTBestOptions(alpha=0.25))
     assert soup.task == TaskMerge("mean", 0.25) and [i.id for i in soup.ingredients] == ["i0"]
-    assert soup.trajectory == [{"combine": "mean", "scale": 0.25, "soup_val": -0.5, "chosen": True}]
+    assert soup.trajectory == [SearchStep(combine="mean", scale=0.25, soup_val=-0.5, chosen=True)]
 
 
 def test_task_arithmetic_and_ties_choose_lambda_and_k_on_val(store):

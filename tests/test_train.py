@@ -45,9 +45,9 @@ def test_non_finite_loss_stops_the_ingredient_as_diverged(recipe_and_pretrained)
 
 def test_cpu_slots_get_one_thread_each_and_no_gpu():
     slots = device_slots(3)
-    assert [s["name"] for s in slots] == ["cpu:0", "cpu:1", "cpu:2"] or all(s["name"].startswith("cuda:") for s in slots)
-    if slots[0]["name"].startswith("cpu"):
-        assert all(s["OMP_NUM_THREADS"] == "1" and s["CUDA_VISIBLE_DEVICES"] == "" for s in slots)
+    assert [s.name for s in slots] == ["cpu:0", "cpu:1", "cpu:2"] or all(s.name.startswith("cuda:") for s in slots)
+    if slots[0].name.startswith("cpu"):
+        assert all(s.env["OMP_NUM_THREADS"] == "1" and s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)
 
 
 def test_printed_digit_pretraining_is_deterministic_and_reads_handwriting_zero_shot():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from model_soups.recipes import RECIPES
 from model_soups.validation import ConfigError, describe_validation_error
@@ -68,12 +68,12 @@ class Recipe(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
     Hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
-    default_search: ClassVar[dict[str, Any]] = {}
+    default_search: ClassVar[dict[str, JsonValue]] = {}  # as sweep.params: name -> choices, or {low, high, log}
     supports_mixup: ClassVar[bool] = True
     supports_augment: ClassVar[bool] = True
     eval_batch_size: ClassVar[int] = 256
 
-    def __init__(self, options: dict[str, Any] | None = None):
+    def __init__(self, options: BaseModel | dict[str, JsonValue] | None = None):
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as error:
@@ -83,7 +83,7 @@ class Recipe(abc.ABC):
         self._splits: dict[str, SplitData] = {}  # `dataset`'s: loaded once per recipe, which a run's context shares
         self._loading = threading.Lock()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, JsonValue]:
         return {"recipe": self.name, "options": self.options.model_dump(mode="json")}
 
     def fingerprint(self) -> str:
@@ -152,7 +152,7 @@ def recipe_class(name: str) -> type[Recipe]:
     return cls
 
 
-def get_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
+def get_recipe(name: str, options: BaseModel | dict[str, JsonValue] | None = None) -> Recipe:
     return recipe_class(name)(options)
 
 

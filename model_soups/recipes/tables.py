@@ -1,23 +1,30 @@
-"""Labelled text files for the text recipe: CSV, TSV (quoting off) or parquet at any fsspec URL or path, with or
-without a header row, each split's columns named in the config."""
+"""Labelled text files for the text recipe: CSV, TSV (quoting off) or parquet at a path, a file:// or an s3:// URL,
+with or without a header row, each split's columns named in the config."""
 
 from __future__ import annotations
 
 import csv
 import io
 
-import fsspec
 import pandas as pd
+from pydantic import ValidationError
 
+from model_soups.config import StorageConfig
+from model_soups.storage import StorageError, StorageUnavailable, Store, as_url
 from model_soups.validation import ConfigError
 
 
-def read_file(url: str, split: str) -> bytes:
+def read_file(location: str, split: str) -> bytes:
+    """A data file's bytes, through a Store: an S3 endpoint that does not answer is waited out and retried like the
+    run's own storage (its endpoint and credentials from the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID ...)."""
+    url = as_url(location)
     try:
-        with fsspec.open(url, "rb") as handle:
-            return handle.read()
-    except (FileNotFoundError, OSError) as error:
-        raise ConfigError(f"recipe.options ({split}): cannot read {url}: {error}") from None
+        return Store(StorageConfig(root=url.rsplit("/", 1)[0])).read_bytes(url)
+    except StorageUnavailable:
+        raise
+    except (StorageError, ValidationError) as error:
+        reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else error
+        raise ConfigError(f"recipe.options ({split}): cannot read {location}: {reason}") from None
 
 
 def read_table(url: str, data: bytes, header: bool, split: str, columns: dict[str, str | int]) -> pd.DataFrame:

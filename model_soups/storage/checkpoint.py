@@ -11,16 +11,13 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from model_soups.storage.errors import CorruptCheckpoint
-
-if TYPE_CHECKING:
-    from model_soups.storage.store import Store
 
 CHUNK = 4 * 1024 * 1024
 T = TypeVar("T")
@@ -34,6 +31,19 @@ DTYPES = {
 
 def checkpoint_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     return safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+
+
+class Source(Protocol):
+    """What a reader needs of the store it reads from (`Store` is one): the file system, retries, a whole-file hash."""
+
+    protocol: str
+    fs: Any
+
+    def path(self, url: str) -> str: ...
+
+    def retrying(self, action: str, url: str, operation: Callable[[], T]) -> T: ...
+
+    def sha256(self, url: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class CheckpointReader:
     a read out of order falls back to one extra hashing pass at `verify()`.
     """
 
-    def __init__(self, store: Store, url: str, sha256: str | None = None, sequential: bool = False):
+    def __init__(self, store: Source, url: str, sha256: str | None = None, sequential: bool = False):
         self.url, self.expected_sha = url, sha256
         self.store = store
         # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ValidationError
 
 from model_soups.storage.errors import StorageError
 
 if TYPE_CHECKING:
     from model_soups.storage.store import Store
+
+
+class Holder(BaseModel):
+    """What a lease object says: who holds it, and until when unless renewed."""
+
+    host: str
+    pid: int
+    token: str
+    expires: float
 
 
 class Lease:
@@ -27,28 +37,31 @@ class Lease:
 
     def __init__(self, store: Store, url: str, seconds: float):
         self.store, self.url, self.seconds = store, url, seconds
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({**self.owner, "expires": time.time() + self.seconds}).encode()
+        return Holder(host=socket.gethostname(), pid=os.getpid(), token=self.token,
+                      expires=time.time() + self.seconds).model_dump_json().encode()
 
-    def holder(self) -> dict[str, Any] | None:
+    def holder(self) -> Holder | None:
+        """The holder, or None where there is no lease or it cannot be read (half written, damaged): a stale one."""
         try:
-            return self.store.read_json(self.url)
-        except StorageError:
+            return Holder.model_validate_json(self.store.read_bytes(self.url))
+        except (StorageError, ValidationError):
             return None
 
-    def is_stale(self, record: dict[str, Any]) -> bool:
-        if record.get("expires", 0) < time.time():
+    @staticmethod
+    def is_stale(holder: Holder) -> bool:
+        if holder.expires < time.time():
             return True
-        if record.get("host") == socket.gethostname():
+        if holder.host == socket.gethostname():
             try:
-                os.kill(int(record["pid"]), 0)
+                os.kill(holder.pid, 0)
             except ProcessLookupError:
                 return True
-            except (PermissionError, KeyError, ValueError):
+            except PermissionError:
                 pass
         return False
 
@@ -73,6 +86,6 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         record = self.holder()
-        if record is not None and record.get("token") == self.owner["token"]:
+        if record is not None and record.token == self.token:
             self.store.delete(self.url)
 
