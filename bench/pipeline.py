@@ -47,7 +47,8 @@ from model_soups.context import RunContext  # noqa: E402
 from model_soups.ingredients import ensure_pretrained  # noqa: E402
 from model_soups.processes import device_slots  # noqa: E402
 from model_soups.recipes.base import SplitData, get_recipe  # noqa: E402
-from model_soups.records import IngredientRecord, Manifest, SoupRecord  # noqa: E402
+from model_soups.manifest import Manifest  # noqa: E402
+from model_soups.records import IngredientRecord, SoupRecord  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 from model_soups.train import batches  # noqa: E402
 

@@ -33,7 +33,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
 from model_soups.config import parse_config  # noqa: E402
 from model_soups.methods import SOUP_METHODS  # noqa: E402
-from model_soups.records import Manifest, SoupRecord  # noqa: E402
+from model_soups.manifest import Manifest  # noqa: E402
+from model_soups.records import SoupRecord  # noqa: E402
 from model_soups.storage import Layout, Store  # noqa: E402
 
 METHODS = ["best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensemble", "greedy_ensemble"]

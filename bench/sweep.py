@@ -20,7 +20,7 @@ from pathlib import Path
 from quality import correct_per_example, ood_correct, paired, paired_summary, run_flow, splits_of
 
 from model_soups.config import parse_config
-from model_soups.records import Manifest
+from model_soups.manifest import Manifest
 from model_soups.storage import Layout, Store
 
 

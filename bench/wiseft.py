@@ -24,7 +24,7 @@ from model_soups.evaluate import predict
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import get_recipe
 from model_soups.methods import ALPHAS
-from model_soups.records import Manifest
+from model_soups.manifest import Manifest
 from model_soups.storage import RunFolder, Store
 from model_soups.task_vectors import TaskMerge, apply, start, task_vector
 

@@ -112,7 +112,7 @@ def runs_command(experiment: str, root: str | None) -> int:
 
     from model_soups import report
     from model_soups.config import StorageConfig
-    from model_soups.records import Manifest
+    from model_soups.manifest import Manifest
     from model_soups.storage import RunFolder, Store, as_url
 
     store = Store(StorageConfig(root=as_url(root or StorageConfig().root)))
@@ -194,7 +194,8 @@ def inspect_command(url: str) -> int:
 def recorded_sha256(store: Store, url: str) -> tuple[str, str] | None:
     """The sha256 the pipeline recorded for a checkpoint, and where: a published run's manifest.json beside it, or
     an ingredient's meta.json; None for a file the pipeline did not write."""
-    from model_soups.records import IngredientRecord, Manifest
+    from model_soups.manifest import Manifest
+    from model_soups.records import IngredientRecord
 
     folder, name = url.rsplit("/", 1)
     manifest, meta = f"{folder}/manifest.json", f"{folder}/meta.json"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, SecretStr, Tag, ValidationError,
-                      create_model, field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
+                      field_validator, model_validator)
 
-from model_soups.recipes import RECIPES
 from model_soups.methods import SOUP_METHODS
+from model_soups.recipes import RECIPES
+from model_soups.storage.backends import StorageConfig, backend_of
 from model_soups.validation import ConfigError, describe_validation_error
 
 # The soup methods declared in methods.py: the allowed values here, in YAML, `--set` flags and the Prefect form.
@@ -25,58 +26,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class StorageConfig(Strict):
-    root: str = Field(
-        "file://./soup-runs",
-        description="fsspec URL every artifact lives under: file://..., s3://bucket/prefix",
-    )
-    endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, moto, ...); AWS_ENDPOINT_URL works too"
-    )
-    key: SecretStr | None = Field(None, description="access key id; better: AWS_ACCESS_KEY_ID")
-    secret: SecretStr | None = Field(None, description="secret key; better: AWS_SECRET_ACCESS_KEY")
-    outage_s: float = Field(
-        120, ge=0, le=3600, description="how long a storage call waits out an endpoint that does not answer, retrying "
-        "after 1, 2, 4 ... s (at most 15 s apart), each wait logged; past it the run fails, and a rerun resumes")
-    request_timeout_s: float = Field(
-        30, gt=0, le=600, description="how long one S3 request may wait for an answer before it counts as a failed try "
-        "and is retried (an endpoint that accepts connections but has frozen)")
-    link_expiry_s: int = Field(
-        86400, ge=60, le=604800, description="how long the presigned S3 links in the run's Prefect artifacts stay valid"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "retries" in data:
-            raise ValueError("storage.retries is now a time, not a count: write outage_s (seconds an unanswering "
-                             "endpoint is waited out, default 120) under storage")
-        return data
-
-    @field_validator("root")
-    @classmethod
-    def _known_protocol(cls, root: str) -> str:
-        if "://" not in root:
-            root = "file://" + root
-        protocol = root.split("://", 1)[0]
-        if protocol not in ("file", "s3", "memory"):
-            raise ValueError(f"storage root {root!r}: protocol {protocol!r} is not one of file, s3, memory")
-        return root
-
-    def revealed(self) -> dict[str, JsonValue]:
-        """All fields with secrets in clear, for handing to a fine-tune process over stdin (never logged)."""
-        data = self.model_dump()
-        for name in ("key", "secret"):
-            if data[name] is not None:
-                data[name] = data[name].get_secret_value()
-        return data
-
-
 class CustomRecipe(Strict):
     """Your own Recipe subclass, named by its import path."""
 
     name: str = Field(description="'package.module:Class' of a model_soups.recipes.base.Recipe subclass")
-    options: dict[str, JsonValue] = Field(default_factory=dict, description="that recipe's options")
+    options: dict[str, Any] = Field(default_factory=dict, description="that recipe's options (its Options model checks them)")
 
     @field_validator("name")
     @classmethod
@@ -249,6 +203,13 @@ class RunConfig(Strict):
                 raise ValueError(f"{path or 'config'} must not carry credentials (a password or token in a URL); "
                                  "give them to the workers as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         return data
+
+    @model_validator(mode="after")
+    def _storage_every_process_sees(self) -> "RunConfig":
+        if not backend_of(self.storage.root).shared:
+            raise ValueError(f"storage.root {self.storage.root}: only the process that writes it sees it, and a run's "
+                             "fine-tunes run in processes of their own; give a local path, file:// or s3:// URL")
+        return self
 
     @model_validator(mode="after")
     def _credentials_stay_on_this_machine(self) -> "RunConfig":

@@ -8,6 +8,7 @@ ensembles, which cost N forward passes at inference. The published soup is marke
 from __future__ import annotations
 
 import io
+import itertools
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
 REFERENCES = {"pretrained": "#000000", "best_individual": "#555555"}
 SOUPS = {"uniform": "#1f77b4", "greedy": "#d62728", "learned": "#9467bd", "wiseft": "#ffd700", "wiseft_best": "#aec7e8",
          "task_arithmetic": "#bcbd22", "ties": "#e377c2", "dare": "#8c564b", "dare_ties": "#ff7f0e",
-         "model_stock": "#1b9e77"}  # one per method in methods.SOUP_METHODS: COLORS below fails on import without it
+         "model_stock": "#1b9e77"}
+SPARE = ["#7570b3", "#e7298a", "#66a61e", "#a6761d", "#666666"]  # in turn, for a new method not given one above
 ENSEMBLES = {"ensemble": "#2ca02c", "greedy_ensemble": "#17becf"}
-COLORS = {**REFERENCES, **{m.kind: SOUPS[m.name] for m in SOUP_METHODS.values()}, **ENSEMBLES}
+_spare = itertools.cycle(SPARE)
+COLORS = {**REFERENCES, **{m.kind: SOUPS.get(m.name) or next(_spare) for m in SOUP_METHODS.values()}, **ENSEMBLES}
 METHOD_KINDS = list(COLORS)
 FAMILIES = {"start and best fine-tune": list(REFERENCES)}
 for _method in SOUP_METHODS.values():

@@ -39,7 +39,7 @@ class Ingredient:
 def on_local_disk(store: Store, ingredients: Sequence[Ingredient]) -> Iterator[tuple[Store, list[Ingredient]]]:
     """The ingredients where reading them many times is cheap: a local store's own files, else copies in a temporary
     folder (disk, not memory), named by ingredient and checked against their sha256 when first read."""
-    if store.protocol == "file":
+    if store.backend.local:
         yield store, list(ingredients)
         return
     with tempfile.TemporaryDirectory(prefix="soup-ingredients-") as folder:

@@ -15,8 +15,10 @@ from model_soups.context import RunContext
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.records import (BUILD_LEASE_S, Cosines, EvaluationRecord, FailedIngredient, IngredientRecord, Manifest,
-                                 ManifestIngredient, ManifestSoup, PretrainedRecord, Publishing, SoupRecord, SweepStop)
+from model_soups.manifest import Cosines, Manifest, ManifestIngredient, ManifestSoup, Publishing
+from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord,
+                                 SoupRecord)
+from model_soups.sweep import SweepStop
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
 from model_soups.train import versions
 
@@ -44,16 +46,17 @@ def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecor
 
 def publish(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
             evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
-            start: list[EvaluationRecord], log: Callable[[str], None], stop: SweepStop | None = None) -> dict[str, str]:
+            start: list[EvaluationRecord], log: Callable[[str], None], stop: SweepStop | None = None) -> RunFolder:
+    """The run folder, published: a new one, or a half-published one of the same config and soups, completed."""
     content = stable_hash({"config": ctx.config.model_dump(mode="json"), "soups": sorted(r.key for r in soup_records)})
     run, lease = claim_run_folder(ctx.store, ctx.layout, run_id, content, log)
     try:
-        paths = write_run_folder(ctx, run, pretrained, metas, failed, evaluations, soup_records, start, stop)
+        write_run_folder(ctx, run, pretrained, metas, failed, evaluations, soup_records, start, stop)
         ctx.store.delete(run.file(PUBLISHING))
     finally:
         lease.release()
     log(f"published {run.url}")
-    return paths
+    return run
 
 
 def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
@@ -86,9 +89,9 @@ def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
 
 def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedRecord, metas: list[IngredientRecord],
                      failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-                     start: list[EvaluationRecord], stop: SweepStop | None) -> dict[str, str]:
+                     start: list[EvaluationRecord], stop: SweepStop | None) -> None:
     config, recipe, store, layout = ctx.config, ctx.recipe, ctx.store, ctx.layout
-    run_id = run.url.rsplit("/", 1)[1]
+    run_id = run.run_id
     val_accuracy = val_accuracies(evaluations)
     best = max(metas, key=lambda m: val_accuracy[m.id]).id
     rows = result_rows(metas, evaluations, soup_records, best, start)
@@ -121,25 +124,22 @@ def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedReco
         files={name: store.sha256(run.file(name)) for name in RunFolder.FILES},
         config=config.model_dump(mode="json"), versions=versions(),
     )
-    paths = report.build_report(store, run.url, manifest)
-    if hf_folder := export_pretrained(store, run, recipe, state, manifest):
-        paths["hf"] = hf_folder
+    report.build_report(store, run.url, manifest)
+    export_pretrained(store, run, recipe, state, manifest)
     manifest.write(store, run.manifest)  # last: a run folder is published once its manifest is there, and complete
-    return {"run": run.url, "soup": run.soup, **paths}
 
 
 def export_pretrained(store: Store, run: RunFolder, recipe: Recipe, state: dict[str, torch.Tensor],
-                      manifest: Manifest) -> str | None:
-    """The soup as a Hugging Face folder, `hf/` in the run folder, with a model card; None for a recipe whose model
+                      manifest: Manifest) -> None:
+    """The soup as a Hugging Face folder, `hf/` in the run folder, with a model card; none for a recipe whose model
     is not a transformers model."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         card_metadata = recipe.export_pretrained(state, folder)
         if card_metadata is None:
-            return None
+            return
         card = report.model_card(manifest, report.read_results(store, run.url), card_metadata)
         (folder / "README.md").write_text(card)
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 store.write_bytes(run.file(f"hf/{path.relative_to(folder)}"), path.read_bytes())
-    return run.file("hf")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_soups.config import ConfigError, Range, SearchSpace, StopRule, describe_validation_error
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.records import Hparams, StopRound
+from model_soups.records import Hparams
 from model_soups.storage import as_url
 
 
@@ -23,6 +23,31 @@ class IngredientSpec(BaseModel):
     id: str
     hparams: Hparams = Field(default_factory=dict)
     checkpoint: str | None = None
+
+
+class StopRound(BaseModel):
+    """One round of a sweep that stops when the soup stops gaining (sweep.stop)."""
+
+    index: int
+    fine_tunes: list[str]  # the ingredients launched in this round
+    soup: list[str]  # the greedy soup of every completed ingredient so far
+    soup_val: float
+    gain: float  # soup_val minus the round before's (the first round: its soup_val)
+
+
+class SweepStop(BaseModel):
+    """Where a sweep with sweep.stop ended: its rounds, and how many of the planned fine-tunes it ran."""
+
+    planned: int
+    rounds: list[StopRound]
+
+    @property
+    def fine_tuned(self) -> int:
+        return sum(len(r.fine_tunes) for r in self.rounds)
+
+    @property
+    def saved(self) -> int:
+        return self.planned - self.fine_tuned
 
 
 def ingredient_id(recipe: Recipe, fingerprint: str, hparams: Hparams) -> str:

@@ -9,9 +9,8 @@ from prefect.artifacts import create_table_artifact
 from model_soups import soup_sweep, sweep
 from model_soups.context import RunContext
 from model_soups.cooking import greedy_gains
-from model_soups.records import (FailedIngredient, IngredientRecord, PretrainedRecord, StopRound, SweepRound, SweepStop,
-                                 reuse_or_build)
-from model_soups.sweep import IngredientSpec
+from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord, SweepRound, reuse_or_build
+from model_soups.sweep import IngredientSpec, StopRound, SweepStop
 from tasks import QUIET, artifact_key
 from tasks.cooking import cook_soup
 from tasks.evaluation import Evaluations

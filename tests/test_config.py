@@ -225,10 +225,11 @@ def test_parsing_a_config_imports_neither_torch_nor_s3fs(tmp_path):
 
 
 def test_every_declared_soup_method_has_one_body_and_a_colour():
-    from model_soups.figures import SOUPS
+    from model_soups.figures import COLORS, SOUPS
     from model_soups.methods import SOUP_METHODS
     from model_soups.soups import COOKS, soup_method
 
-    assert list(COOKS) == list(SOUP_METHODS) and set(SOUPS) == set(SOUP_METHODS)
+    assert list(COOKS) == list(SOUP_METHODS) and set(SOUPS) == set(SOUP_METHODS)  # each given its own colour
+    assert len({COLORS[m.kind] for m in SOUP_METHODS.values()}) == len(SOUP_METHODS)  # a new one gets a spare
     with pytest.raises(ValueError, match="soup method 'fancy' is not declared in model_soups/methods.py"):
         soup_method("fancy")(lambda ctx, options: None)

@@ -10,7 +10,7 @@ import pytest
 
 from flows.model_soup import model_soup
 from model_soups.config import ConfigError, StopRule, parse_config
-from model_soups.records import StopRound
+from model_soups.sweep import StopRound
 from model_soups.sweep import IngredientSpec, stalled, stop_rounds
 from tests.conftest import small_digits
 

@@ -73,7 +73,7 @@ class Recipe(abc.ABC):
     supports_augment: ClassVar[bool] = True
     eval_batch_size: ClassVar[int] = 256
 
-    def __init__(self, options: BaseModel | dict[str, JsonValue] | None = None):
+    def __init__(self, options: BaseModel | dict[str, object] | None = None):
         try:
             self.options = self.Options.model_validate(options or {})
         except ValidationError as error:
@@ -152,7 +152,7 @@ def recipe_class(name: str) -> type[Recipe]:
     return cls
 
 
-def get_recipe(name: str, options: BaseModel | dict[str, JsonValue] | None = None) -> Recipe:
+def get_recipe(name: str, options: BaseModel | dict[str, object] | None = None) -> Recipe:
     return recipe_class(name)(options)
 
 

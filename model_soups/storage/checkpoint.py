@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from model_soups.storage.backends import Backend
 from model_soups.storage.errors import CorruptCheckpoint
 
 CHUNK = 4 * 1024 * 1024
@@ -36,7 +37,7 @@ def checkpoint_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | 
 class Source(Protocol):
     """What a reader needs of the store it reads from (`Store` is one): the file system, retries, a whole-file hash."""
 
-    protocol: str
+    backend: Backend
     fs: Any
 
     def path(self, url: str) -> str: ...
@@ -66,7 +67,7 @@ class CheckpointReader:
         self.store = store
         # Many checkpoints open at once get no read-ahead cache: a buffer each would make memory grow with N.
         # One read front to back gets large blocks.
-        cache = {} if store.protocol == "file" else {"cache_type": "readahead" if sequential else "none"}
+        cache = {} if store.backend.local else {"cache_type": "readahead" if sequential else "none"}
         self._open = lambda: store.fs.open(store.path(url), "rb", block_size=8 * CHUNK if sequential else CHUNK, **cache)
         try:
             self.size = store.retrying("opening", url, lambda: store.fs.size(store.path(url)))

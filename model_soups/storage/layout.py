@@ -77,3 +77,13 @@ class RunFolder:
     @property
     def manifest(self) -> str:
         return self.file("manifest.json")
+
+    @property
+    def run_id(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+    def paths(self, store: Store) -> dict[str, str]:
+        """What the published folder offers, by name: itself, the soup, the report, and `hf/` where it was exported."""
+        paths = {"run": self.url, "soup": self.soup, "report.md": self.file("report.md"),
+                 "report.html": self.file("report.html")}
+        return {**paths, "hf": self.file("hf")} if store.exists(self.file("hf")) else paths

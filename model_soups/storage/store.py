@@ -1,4 +1,5 @@
-"""One storage root (an fsspec URL: local, S3, memory): atomic writes, JSON, arrays, checkpoints, retries."""
+"""One storage root (an fsspec URL: local, S3, memory; see backends.py): atomic writes, JSON, arrays, checkpoints,
+retries."""
 
 from __future__ import annotations
 
@@ -12,18 +13,16 @@ import socket
 import time
 import uuid
 import zipfile
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
 import torch
 
+from model_soups.storage.backends import StorageConfig, backend_of
 from model_soups.storage.checkpoint import CHUNK, CheckpointReader, checkpoint_bytes
 from model_soups.storage.errors import TRANSIENT, StorageError, StorageUnavailable
-
-if TYPE_CHECKING:
-    from model_soups.config import StorageConfig
 
 logger = logging.getLogger(__name__)
 MAX_WAIT_S = 15.0  # the longest wait between two tries of a storage call
@@ -42,25 +41,14 @@ class Store:
     def __init__(self, config: StorageConfig):
         self.config = config
         self.root = config.root.rstrip("/")
-        options: dict[str, Any] = {}
-        if self.root.startswith("s3://"):
-            # One retry layer, `retrying` below, whose backoff and message are ours: botocore and s3fs try once.
-            # SigV4 everywhere, presigned links included (botocore would otherwise presign with the legacy SigV2).
-            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": config.request_timeout_s,
-                                         "retries": {"total_max_attempts": 1}, "signature_version": "s3v4"}}
-            endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                options["endpoint_url"] = endpoint
-            if config.key and config.secret:
-                options["key"] = config.key.get_secret_value()
-                options["secret"] = config.secret.get_secret_value()
+        self.backend = backend_of(self.root)
+        self.protocol = self.backend.protocol
+        options = self.backend.options(config)
         self.endpoint = options.get("endpoint_url")
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
-        if self.root.startswith("s3://"):
-            self.fs.retries = 1  # s3fs's own retry loop: one attempt (a class attribute, not a constructor option)
-        self.protocol = self.root.split("://", 1)[0]
-        if self.protocol == "file":
-            self.root = "file://" + self.base
+        self.backend.opened(self.fs)
+        if self.backend.local:
+            self.root = f"{self.protocol}://{self.base}"
 
     def url(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -71,7 +59,7 @@ class Store:
         fs_protocol, _, rest = url.partition("://")
         if fs_protocol != self.protocol:
             raise StorageError(f"{url}: not under the storage root {self.root}")
-        return rest if self.protocol != "file" else self.fs._strip_protocol(url)
+        return self.fs._strip_protocol(url) if self.backend.local else rest
 
     def where(self) -> str:
         return f"{self.root}{f' (endpoint {self.endpoint})' if self.endpoint else ''}"
@@ -129,7 +117,7 @@ class Store:
     def write_bytes(self, url: str, data: bytes, patient: bool = True) -> None:
         """Write all or nothing: a reader never sees a half-written object, and a failed write leaves no part."""
         path = self.path(url)
-        if self.protocol == "file":
+        if self.backend.local:
             partial = f"{path}.partial-{uuid.uuid4().hex}"
             try:
                 self.fs.makedirs(os.path.dirname(path), exist_ok=True)
@@ -140,13 +128,13 @@ class Store:
                 with contextlib.suppress(OSError):
                     os.remove(partial)
                 raise self.unwritable("writing", url, error) from None
-        else:  # an S3 PUT is atomic: the object appears whole or not at all
+        else:  # one PUT (S3: atomic, the object appears whole or not at all)
             self.retrying("writing", url, lambda: self.fs.pipe_file(path, data), patient)
 
     def create_exclusive(self, url: str, data: bytes) -> bool:
         """Write only if nothing is there yet; False if the object exists (S3: a conditional PUT)."""
         path = self.path(url)
-        if self.protocol != "file":
+        if not self.backend.local:
             try:
                 self.retrying("creating", url, lambda: self.fs.pipe_file(path, data, mode="create"))
             except FileExistsError:
@@ -225,7 +213,7 @@ class Store:
     def browser_link(self, url: str, expires_s: int) -> str:
         """A link a browser can open: on S3 a presigned https URL that expires after `expires_s` (it names the
         access key id, never the secret); elsewhere the URL itself."""
-        if self.protocol != "s3":
+        if not self.backend.presigned:
             return url
         return self.retrying("signing", url, lambda: self.fs.url(self.path(url), expires=expires_s))
 
@@ -264,7 +252,7 @@ class Store:
                     f"storage root {self.root}: the endpoint {self.endpoint} does not answer ({dead}). Start it, or "
                     "fix storage.endpoint_url / AWS_ENDPOINT_URL; credentials are checked once it answers."
                 ) from None
-            if isinstance(error, StorageUnavailable) and self.protocol == "file":
+            if isinstance(error, StorageUnavailable) and self.backend.local:
                 raise error from None  # it names the path, the cause (read-only, full, not a folder) and what to do
             raise StorageError(
                 f"storage root {self.where()} is not writable: {type(error).__name__}: {error}. "
