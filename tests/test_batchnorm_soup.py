@@ -34,5 +34,5 @@ def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invari
     published_val = record.metrics["val"].accuracy
     accepted = [step for step in record.trajectory if step.accepted]
     assert len(accepted) >= 2 and record.batchnorm == "recomputed on 300 train examples"
-    assert published_val == accepted[-1]["soup_val"]
+    assert published_val == accepted[-1].soup_val
     assert published_val >= max(val_accuracy.values())
