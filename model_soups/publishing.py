@@ -13,13 +13,13 @@ import torch
 from model_soups import merge, report
 from model_soups.context import RunContext
 from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
+from model_soups.manifest import Cosines, Manifest, ManifestIngredient, ManifestSoup, Publishing
 from model_soups.merge import Ingredient
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.manifest import Cosines, Manifest, ManifestIngredient, ManifestSoup, Publishing
 from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord,
                                  SoupRecord)
-from model_soups.sweep import SweepStop
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
+from model_soups.sweep import SweepStop
 from model_soups.train import versions
 
 PUBLISHING = "publishing.json"  # a run folder's `Publishing` record, there until its manifest is written

@@ -19,10 +19,10 @@ from markdown_it import MarkdownIt
 from model_soups.figures import (METHOD_KINDS, figure_cosines, figure_greedy, figure_id_vs_ood, figure_searches,
                                  figure_splits)
 from model_soups.manifest import Cosines, Manifest, ManifestSoup
-from model_soups.records import GreedyStep, Scalar, SearchStep, SoupRecord, Step, TaskMerge
-from model_soups.sweep import SweepStop
 from model_soups.methods import SOUP_METHODS
+from model_soups.records import GreedyStep, Scalar, SearchStep, SoupRecord, Step, TaskMerge
 from model_soups.storage import RunFolder, Store
+from model_soups.sweep import SweepStop
 
 COLUMNS = ["model", "kind", "split", "accuracy", "nll", "ece", "n_ingredients"]
 
