@@ -34,6 +34,17 @@ def test_a_root_only_one_process_sees_is_refused_before_anything_runs(tmp_path):
         parse_config(small_digits("memory://x"))
 
 
+def test_a_data_file_is_read_through_a_store_and_a_bad_location_is_named_with_the_fix(tmp_path):
+    from model_soups.recipes.tables import read_file
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    assert read_file(str(tmp_path / "train.tsv"), "train").startswith(b"sentence")
+    with pytest.raises(ConfigError, match=r"recipe.options \(train\): cannot read .*/nope.tsv: .*not found"):
+        read_file(str(tmp_path / "nope.tsv"), "train")
+    with pytest.raises(ConfigError, match=r"https:// is not a storage backend \(file, s3, memory\); give a path, a file:// or"):
+        read_file("https://example.org/train.tsv", "train")
+
+
 @pytest.mark.slow
 def test_a_backend_of_ones_own_runs_the_flow_with_no_change_outside_storage(prefect_server, tmp_path, monkeypatch):
     monkeypatch.setenv("SOUP_STORAGE_BACKENDS", "tests.toy_storage")  # the fine-tune processes import it too

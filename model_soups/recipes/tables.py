@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from model_soups.config import StorageConfig
 from model_soups.storage import StorageError, StorageUnavailable, Store, as_url
+from model_soups.storage.backends import BACKENDS
 from model_soups.validation import ConfigError
 
 
@@ -19,12 +20,16 @@ def read_file(location: str, split: str) -> bytes:
     run's own storage (its endpoint and credentials from the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID ...)."""
     url = as_url(location)
     try:
-        return Store(StorageConfig(root=url.rsplit("/", 1)[0])).read_bytes(url)
+        store = Store(StorageConfig(root=url.rsplit("/", 1)[0]))
+    except ValidationError:
+        raise ConfigError(f"recipe.options ({split}): cannot read {location}: {url.split('://', 1)[0]}:// is not a "
+                          f"storage backend ({', '.join(BACKENDS)}); give a path, a file:// or an s3:// URL") from None
+    try:
+        return store.read_bytes(url)
     except StorageUnavailable:
         raise
-    except (StorageError, ValidationError) as error:
-        reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else error
-        raise ConfigError(f"recipe.options ({split}): cannot read {location}: {reason}") from None
+    except StorageError as error:
+        raise ConfigError(f"recipe.options ({split}): cannot read {location}: {error}") from None
 
 
 def read_table(url: str, data: bytes, header: bool, split: str, columns: dict[str, str | int]) -> pd.DataFrame:

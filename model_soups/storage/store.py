@@ -42,13 +42,12 @@ class Store:
         self.config = config
         self.root = config.root.rstrip("/")
         self.backend = backend_of(self.root)
-        self.protocol = self.backend.protocol
         options = self.backend.options(config)
         self.endpoint = options.get("endpoint_url")
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
         self.backend.opened(self.fs)
         if self.backend.local:
-            self.root = f"{self.protocol}://{self.base}"
+            self.root = f"{self.backend.protocol}://{self.base}"
 
     def url(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -57,7 +56,7 @@ class Store:
         if url.startswith(self.root):
             return self.base + url[len(self.root):]
         fs_protocol, _, rest = url.partition("://")
-        if fs_protocol != self.protocol:
+        if fs_protocol != self.backend.protocol:
             raise StorageError(f"{url}: not under the storage root {self.root}")
         return self.fs._strip_protocol(url) if self.backend.local else rest
 
