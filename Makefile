@@ -69,6 +69,7 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BPY) bench/wiseft.py --root file://$(CURDIR)/.bench-quality-digits
 	$(BPY) bench/sweep.py --root file://$(CURDIR)/.bench-quality-digits
 	$(BPY) bench/load.py
+	$(if $(wildcard ../shared/data/sst2/train.tsv),$(BPY) bench/cook.py --train ../shared/data/sst2/train.tsv --test ../shared/data/sst2/dev.tsv --before da3755b)
 
 # A Prefect server, an S3 endpoint and workers on 127.0.0.1; then: source .stack/env && prefect deploy --all
 stack: $(STAMP)

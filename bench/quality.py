@@ -42,7 +42,8 @@ METHODS = ["best_individual", *(m.kind for m in SOUP_METHODS.values()), "ensembl
 
 def correct_per_example(store: Store, layout: Layout, manifest: Manifest, kind: str, split: str) -> np.ndarray:
     """Per-example correctness of one method on one split, from stored logits."""
-    from model_soups.soups import ensemble_logits, greedy_ensemble, rank
+    from model_soups.ensembles import ensemble_logits, greedy_ensemble
+    from model_soups.soups import rank
     from model_soups.merge import Ingredient
 
     def stored(ingredient_id: str, s: str) -> dict:

@@ -9,7 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.context import RunContext, fewest_ingredients
-from model_soups.cooking import val_accuracies
+from model_soups.cooking import pantry_for, val_accuracies
 from model_soups.ingredients import new_run_id, start_as_model, without_duplicates
 from model_soups.methods import SOUP_METHODS
 from tasks.cooking import cook_soup
@@ -86,12 +86,15 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     logger.info(f"{len(evaluated)} evaluations ({sum(e.reused for e in evaluated)} reused)")
     val_accuracy = val_accuracies(evaluated)
 
-    # methods that build on another soup (WiSE-FT of the greedy soup) are cooked once that soup is
-    first = {m: cook_soup.submit(ctx, pretrained, metas, val_accuracy, m) for m in config.soup.methods
-             if SOUP_METHODS[m].base(config.soup) is None}
-    then = {m: cook_soup.submit(ctx, pretrained, metas, val_accuracy, m, first[SOUP_METHODS[m].base(config.soup)])
-            for m in config.soup.methods if m not in first}
-    soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
+    # one pantry for all the soups: each checkpoint read and checked once. Methods that build on another soup
+    # (WiSE-FT of the greedy soup) are cooked once that soup is
+    with pantry_for(ctx, pretrained, metas) as checkpoints:
+        first = {m: cook_soup.submit(ctx, checkpoints, pretrained, metas, val_accuracy, m) for m in config.soup.methods
+                 if SOUP_METHODS[m].base(config.soup) is None}
+        then = {m: cook_soup.submit(ctx, checkpoints, pretrained, metas, val_accuracy, m,
+                                    first[SOUP_METHODS[m].base(config.soup)]) for m in config.soup.methods if m not in first}
+        soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
+        logger.info(f"cooking read its checkpoints through the pantry: {checkpoints.summary()}")
     logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
     paths = publish(ctx, pretrained, metas, failed, evaluated, soup_records, run_id, evaluations.results([start]), stop)
     if not paths["run"].endswith(f"/{run_id}"):  # it completed a half-published folder: the run takes its name

@@ -122,6 +122,11 @@ class SoupCommon(Strict):
     )
     ensembles: bool = Field(True, description="also report the ensemble and greedy ensemble from stored logits")
     accumulate: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of averages")
+    search: Literal["grid", "coarse-to-fine"] = Field(
+        "coarse-to-fine", description="how a task-vector soup searches each line of its grid (its alpha or lambda "
+        "values, per TIES k or DARE p) on val: every value (grid), or every other value, then the best one's "
+        "neighbours while val rises (coarse-to-fine: the grid's choice wherever val rises then falls along the line, "
+        "in about half the evaluations)")
     recompute_bn: bool = Field(
         False, description="re-estimate BatchNorm statistics on train data for every soup of 2+ ingredients; the greedy "
         "soup does it for each candidate too (one more forward pass over recompute_bn_examples each), so it scores "
@@ -181,6 +186,9 @@ class ExecutionConfig(Strict):
         description="where ingredients are evaluated in work-pool mode: by the orchestrating flow run, or by each "
         "fine-tune run right after training, on its GPU (soups are always cooked by the orchestrator)",
     )
+    cook_memory_mb: float = Field(
+        4096, ge=0, description="checkpoints the cooking holds in memory (MB), each read from storage and checked "
+        "against its sha256 once for all the soups; those beyond it are read again from local disk (0: none held)")
 
 
 class RunConfig(Strict):

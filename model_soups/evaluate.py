@@ -1,10 +1,11 @@
 """Metrics and logits for one model on one split, and the one way they are stored: logits and labels as
-npz (ensembles and paired comparisons read them back; no second forward pass), metrics as JSON."""
+npz (ensembles and paired comparisons read them back; no second forward pass), metrics as JSON; and BatchNorm
+statistics re-estimated on train data before a soup is scored."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,7 +52,11 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
 def evaluate_and_store(store: Store, logits_url: str, model: torch.nn.Module, data: SplitData,
                        batch_size: int) -> tuple[Metrics, str]:
     """The model's metrics on `data`, with its logits and labels stored at `logits_url`, and that file's sha256."""
-    logits = predict(model, data, batch_size, this_device())
+    return store_logits(store, logits_url, predict(model, data, batch_size, this_device()), data)
+
+
+def store_logits(store: Store, logits_url: str, logits: np.ndarray, data: SplitData) -> tuple[Metrics, str]:
+    """The metrics of `logits` on `data`, with the logits and labels stored at `logits_url`, and that file's sha256."""
     sha = store.write_arrays(logits_url, logits=logits, labels=data.labels.numpy())
     return metrics(logits, data.labels.numpy()), sha
 
@@ -86,3 +91,27 @@ def evaluate_ingredient(store: Store, layout: Layout, recipe: Recipe, meta: Ingr
 
     return reuse_or_build(store, json_url, EvaluationRecord, verify, build, f"evaluation {meta.id} on {split}",
                           lease_s=BUILD_LEASE_S)
+
+
+class _KeywordInputs(torch.nn.Module):
+    """`update_bn` calls `model(batch)`; our models take their inputs as keyword arguments."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+
+def recompute_batchnorm(model: torch.nn.Module, data: SplitData, batch_size: int = 256) -> bool:
+    """Re-estimate BatchNorm running statistics on `data` with `torch.optim.swa_utils.update_bn` (a cumulative
+    average over all batches); False when the model has no BatchNorm."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    device = next(model.parameters()).device
+    batches = ({name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()}
+               for start in range(0, len(data), batch_size))
+    torch.optim.swa_utils.update_bn(batches, _KeywordInputs(model))
+    model.eval()
+    return True

@@ -10,8 +10,7 @@ from typing import Container, Iterator, Mapping, Sequence
 
 import torch
 
-from model_soups.merge import Ingredient
-from model_soups.storage import Store
+from model_soups.merge import Checkpoints, Ingredient
 
 
 @contextmanager
@@ -42,12 +41,12 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.vdot(a.flatten(), b.flatten()))
 
 
-def stream(store: Store, ingredients: Sequence[Ingredient], names: Container[str], scratch: torch.Tensor,
-           verify: bool = False) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """(index of the ingredient, name, tensor) for the tensors in `names`, one at a time, each file front to back
-    (and checked against its sha256 with `verify`); each tensor is a view of `scratch`, valid until the next."""
+def stream(store: Checkpoints, ingredients: Sequence[Ingredient], names: Container[str],
+           scratch: torch.Tensor) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """(index of the ingredient, name, tensor) for the tensors in `names`, one at a time, each file front to back;
+    each tensor is valid until the next (a view of `scratch` when read from storage)."""
     for j, ingredient in enumerate(ingredients):
-        with store.open_checkpoint(ingredient.url, ingredient.sha256 if verify else None, sequential=True) as reader:
+        with store.open_checkpoint(ingredient.url, ingredient.sha256, sequential=True) as reader:
             for name in reader.info:
                 if name in names:
                     yield j, name, reader.tensor(name, scratch)

@@ -7,15 +7,14 @@ from the first ingredient; a NaN or Inf rejects the checkpoint.
 
 from __future__ import annotations
 
-import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import ContextManager, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from model_soups.storage import CheckpointReader, Store, TensorInfo
+from model_soups.storage import TensorInfo
 
 
 class CheckpointMismatch(ValueError):
@@ -35,19 +34,19 @@ class Ingredient:
     sha256: str | None = None
 
 
-@contextmanager
-def on_local_disk(store: Store, ingredients: Sequence[Ingredient]) -> Iterator[tuple[Store, list[Ingredient]]]:
-    """The ingredients where reading them many times is cheap: a local store's own files, else copies in a temporary
-    folder (disk, not memory), named by ingredient and checked against their sha256 when first read."""
-    if store.backend.local:
-        yield store, list(ingredients)
-        return
-    with tempfile.TemporaryDirectory(prefix="soup-ingredients-") as folder:
-        local = store.on_disk(folder)
-        copies = [Ingredient(i.id, local.url(f"{i.id}.safetensors"), i.sha256) for i in ingredients]
-        for ingredient, copy in zip(ingredients, copies):
-            store.download(ingredient.url, local.path(copy.url))
-        yield local, copies
+class Reader(Protocol):
+    """One open checkpoint: its header (`info`), then tensors by name (a `CheckpointReader`, or a `pantry.Held`)."""
+
+    url: str
+    info: Mapping[str, TensorInfo]
+
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class Checkpoints(Protocol):
+    """Where soups open checkpoints: a `Store`, or a cooking run's `Pantry` (each checkpoint read and checked once)."""
+
+    def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> ContextManager[Reader]: ...
 
 
 def check_compatible(reference: Mapping[str, TensorInfo], candidate: Mapping[str, TensorInfo], url: str,
@@ -70,7 +69,7 @@ def check_finite(name: str, tensor: torch.Tensor, url: str) -> None:
         raise NonFiniteCheckpoint(f"checkpoint {url}: tensor {name!r} holds NaN or Inf; it cannot enter a soup")
 
 
-def name_non_finite(store: Store, ingredients: Sequence[Ingredient], name: str) -> None:
+def name_non_finite(store: Checkpoints, ingredients: Sequence[Ingredient], name: str) -> None:
     """A sum came out NaN/Inf: name the checkpoint that holds it. Only this error path reads tensors again."""
     for ingredient in ingredients:
         with store.open_checkpoint(ingredient.url) as reader:
@@ -78,8 +77,8 @@ def name_non_finite(store: Store, ingredients: Sequence[Ingredient], name: str) 
     raise NonFiniteCheckpoint(f"tensor {name!r}: the sum over the ingredients overflowed; set soup.accumulate to float64")
 
 
-def open_all(store: Store, ingredients: Sequence[Ingredient], stack: ExitStack,
-             reference: Mapping[str, TensorInfo] | None = None, sequential: bool = False) -> list[CheckpointReader]:
+def open_all(store: Checkpoints, ingredients: Sequence[Ingredient], stack: ExitStack,
+             reference: Mapping[str, TensorInfo] | None = None, sequential: bool = False) -> list[Reader]:
     """Open every checkpoint and check its header against the reference before any tensor is read."""
     readers = [stack.enter_context(store.open_checkpoint(i.url, i.sha256, sequential)) for i in ingredients]
     reference = reference if reference is not None else readers[0].info
@@ -95,7 +94,7 @@ def weight_of(weights: Weights, name: str) -> Sequence[float]:
     return weights[name] if isinstance(weights, Mapping) else weights
 
 
-def weighted_sum(store: Store, ingredients: Sequence[Ingredient], weights: Weights | None = None,
+def weighted_sum(store: Checkpoints, ingredients: Sequence[Ingredient], weights: Weights | None = None,
                  accumulate: torch.dtype = torch.float32, reference: Mapping[str, TensorInfo] | None = None,
                  onto: Mapping[str, torch.Tensor] | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """sum_i w_i * theta_i for every floating tensor, in the accumulation dtype, added onto the running sum `onto`
@@ -121,8 +120,8 @@ def weighted_sum(store: Store, ingredients: Sequence[Ingredient], weights: Weigh
                 term = tensor.to(device).to(accumulate) if weight == 1.0 else tensor.to(device).to(accumulate) * weight
                 if name in owned:
                     total[name].add_(term)
-                else:
-                    total[name] = term if name not in total else total[name] + term
+                else:  # a held tensor (`Pantry`) comes back as the term itself: summed into a copy, never in place
+                    total[name] = (term.clone() if term is tensor else term) if name not in total else total[name] + term
                     owned.add(name)
     for name in owned:  # NaN and Inf survive a sum: one check covers every ingredient
         if not torch.isfinite(total[name]).all():
@@ -138,7 +137,7 @@ def mean_of(value: torch.Tensor, divisor: float, dtype: torch.dtype, in_place: b
     return (value.div_(divisor) if in_place else value / divisor).to(dtype).cpu()
 
 
-def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: Weights | None = None,
+def weighted_average(store: Checkpoints, ingredients: Sequence[Ingredient], weights: Weights | None = None,
                      accumulate: torch.dtype = torch.float32, reference: Mapping[str, TensorInfo] | None = None,
                      device: str = "cpu") -> dict[str, torch.Tensor]:
     """sum_i w_i * theta_i / sum_i w_i, streamed; `weights` may differ per key.
@@ -158,7 +157,7 @@ def weighted_average(store: Store, ingredients: Sequence[Ingredient], weights: W
             for name, info in reference.items()}
 
 
-def delta_cosines(store: Store, pretrained: Ingredient, ingredients: Sequence[Ingredient]) -> np.ndarray:
+def delta_cosines(store: Checkpoints, pretrained: Ingredient, ingredients: Sequence[Ingredient]) -> np.ndarray:
     """Pairwise cosine similarity of the fine-tune deltas theta_i - theta_0 (the paper's angle analysis)."""
     n = len(ingredients)
     gram = torch.zeros(n, n, dtype=torch.float64)

@@ -85,6 +85,7 @@ class SoupMethod:
     builds_on: Callable[[Any], str] | None = None  # from its own options: the method whose soup it needs
     min_ingredients: int = 1  # a run that cooks it with fewer is refused before any training
     family: str = "weight average"  # the report groups methods by it
+    searches: bool = False  # chooses its merge on val among candidates, as soup.search says (`soups.search`)
     about: str = ""  # one line, shown with its options in the config's form
 
     @property
@@ -104,17 +105,17 @@ SOUP_METHODS: dict[str, SoupMethod] = {method.name: method for method in (
     SoupMethod("greedy", about="Recipe 1 of the paper: add the next-best ingredient if val accuracy does not drop."),
     SoupMethod("learned", LearnedOptions, about="Mixing weights (a softmax per tensor, or one global) fitted on val by "
                "Adam, a few ingredients per step."),
-    SoupMethod("wiseft", WiseFTOptions, builds_on=lambda options: options.on, family=MERGE,
+    SoupMethod("wiseft", WiseFTOptions, builds_on=lambda options: options.on, family=MERGE, searches=True,
                about="WiSE-FT (Wortsman et al., CVPR 2022) of a soup: (1-alpha)*theta_0 + alpha*theta_soup, alpha "
                "chosen on val."),
-    SoupMethod("wiseft_best", WiseFTBestOptions, family=MERGE, about="WiSE-FT of the best individual fine-tune."),
-    SoupMethod("task_arithmetic", TaskArithmeticOptions, family=MERGE, about="Task arithmetic (Ilharco et al., ICLR "
+    SoupMethod("wiseft_best", WiseFTBestOptions, family=MERGE, searches=True, about="WiSE-FT of the best individual fine-tune."),
+    SoupMethod("task_arithmetic", TaskArithmeticOptions, family=MERGE, searches=True, about="Task arithmetic (Ilharco et al., ICLR "
                "2023): theta_0 + lambda * sum of the deltas, lambda chosen on val."),
-    SoupMethod("ties", TiesOptions, family=MERGE, about="TIES-merging: trim each delta to its top-k%, elect signs, "
+    SoupMethod("ties", TiesOptions, family=MERGE, searches=True, about="TIES-merging: trim each delta to its top-k%, elect signs, "
                "disjoint mean; k and lambda chosen on val."),
-    SoupMethod("dare", DareOptions, family=MERGE, about="DARE with the linear merge: drop and rescale every delta, then "
+    SoupMethod("dare", DareOptions, family=MERGE, searches=True, about="DARE with the linear merge: drop and rescale every delta, then "
                "task arithmetic; p and lambda chosen on val."),
-    SoupMethod("dare_ties", DareTiesOptions, family=MERGE, about="DARE with the TIES merge: drop and rescale every "
+    SoupMethod("dare_ties", DareTiesOptions, family=MERGE, searches=True, about="DARE with the TIES merge: drop and rescale every "
                "delta, elect signs, disjoint mean."),
     SoupMethod("model_stock", min_ingredients=2, about="Model Stock (Jang et al., ECCV 2024): per tensor theta_0 + t * "
                "mean delta, t from the deltas' angle; no val."),

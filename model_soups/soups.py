@@ -1,5 +1,4 @@
-"""The soup methods' bodies (one `@soup_method` function per method declared in methods.py), ensembles from stored
-logits, and the best individual.
+"""The soup methods' bodies: one `@soup_method` function per method declared in methods.py.
 
 Every soup method receives a `SoupContext` and its own options, and returns a `Soup`: which ingredients, with
 which weights (global or per tensor), applied by the streamed `merge.weighted_average`; or, for the task-vector
@@ -14,21 +13,18 @@ from dataclasses import asdict, dataclass, field, replace
 from itertools import groupby
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import log_softmax
 
 from model_soups import task_vectors
 from model_soups.config import SoupOptions
-from model_soups.evaluate import metrics
 from model_soups.learned import SubsetAdam, project_gradients, stream
-from model_soups.merge import Ingredient, mean_of, on_local_disk, weighted_average, weighted_sum
+from model_soups.merge import Checkpoints, Ingredient, mean_of, weighted_average, weighted_sum
 from model_soups.methods import (SOUP_METHODS, DareOptions, DareTiesOptions, LearnedOptions, TaskArithmeticOptions,
                                  TiesOptions, WiseFTBestOptions, WiseFTOptions)
 from model_soups.recipes.base import SplitData, logits_of
 from model_soups.records import GreedyStep, SearchStep, Step, StockStep, TaskMerge
-from model_soups.storage import Store, TensorInfo
+from model_soups.storage import TensorInfo
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 
@@ -40,6 +36,7 @@ class Soup:
     weights: list[float] | dict[str, list[float]]
     trajectory: list[Step] = field(default_factory=list)
     task: TaskMerge | None = None  # theta_0 + scale * combine(deltas of the ingredients), instead of the weights
+    scored: int | None = None  # the call of `SoupContext.score` (from 0) that scored these very weights, if one did
 
     @property
     def members(self) -> int:
@@ -50,9 +47,10 @@ class Soup:
 @dataclass
 class SoupContext:
     """What a soup method may use. `ranked` is sorted by val accuracy, best first; `pretrained` is the start every
-    ingredient was fine-tuned from; `base` holds the ingredients of the soup a method builds on (`builds_on`)."""
+    ingredient was fine-tuned from; `base` holds the ingredients of the soup a method builds on (`builds_on`).
+    `store` opens every checkpoint: in a cooking run its `Pantry`, which reads and checks each one once."""
 
-    store: Store
+    store: Checkpoints
     ranked: list[Ingredient]
     val_accuracy: Mapping[str, float]
     reference: Mapping[str, TensorInfo]
@@ -65,6 +63,7 @@ class SoupContext:
     pretrained: Ingredient | None = None
     base: list[Ingredient] | None = None
     device: str = "cpu"  # where the learned soup fits its weights
+    search: str = "grid"  # soup.search: how `search` walks each line of a grid
 
 
 Cook = Callable[[SoupContext, Any], Soup]  # a method's body: what every method may use, and its own options
@@ -105,14 +104,15 @@ def greedy_soup(ctx: SoupContext, o: None = None) -> Soup:
     best, *rest = ctx.ranked
     chosen, total, best_score = [best], weighted_sum(ctx.store, [best], None, ctx.accumulate, ctx.reference), ctx.val_accuracy[best.id]
     trajectory = [GreedyStep(ingredient=best.id, individual_val=best_score, soup_val=best_score, accepted=True, size=1)]
-    for ingredient in rest:
+    scored = None
+    for call, ingredient in enumerate(rest):  # one score each
         candidate, score = with_one_more(ctx, total, len(chosen), ingredient)
         accepted = accepts(score, best_score, ctx.rule)
         if accepted:
-            chosen, total, best_score = chosen + [ingredient], candidate, score
+            chosen, total, best_score, scored = chosen + [ingredient], candidate, score, call
         trajectory.append(GreedyStep(ingredient=ingredient.id, individual_val=ctx.val_accuracy[ingredient.id],
                                      soup_val=score, accepted=accepted, size=len(chosen)))
-    return Soup("greedy", chosen, [1.0] * len(chosen), trajectory)
+    return Soup("greedy", chosen, [1.0] * len(chosen), trajectory, scored=scored)
 
 
 def with_one_more(ctx: SoupContext, total: Mapping[str, torch.Tensor], size: int,
@@ -132,8 +132,9 @@ def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
     batch of models), runs one forward and backward pass of the mixed model, projects each tensor's gradient on
     those ingredients' tensor as soon as backward has made it (then frees it), and updates the mix in place by
     reading the drawn ingredients again. The others keep their logits, so their share of the mix only rescales.
-    Memory is the model plus one tensor's gradient and one read tensor, whatever N; with models_per_step >= N
-    every step is the full gradient.
+    Memory is the model plus one tensor's gradient and one read tensor, whatever N, besides what the pantry holds
+    (`execution.cook_memory_mb`; with none held, each read comes from local disk); with models_per_step >= N every
+    step is the full gradient.
     """
     n = len(ctx.ranked)
     model = ctx.model.to(ctx.device).eval()
@@ -145,60 +146,87 @@ def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
     batches, draws = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     labels = ctx.val.labels.to(ctx.device)
     scratch = torch.empty(max(info.end - info.begin for info in ctx.reference.values()), dtype=torch.uint8)  # one read
-    with on_local_disk(ctx.store, ctx.ranked) as (store, ranked):
-        with torch.no_grad():  # the uniform soup, each file read (and checked) once
-            for t in tensors.values():
-                t.zero_()
-            for j, name, tensor in stream(store, ranked, state, scratch, verify=True):
-                if name in tensors:
-                    tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=1 / n)
-                elif j == 0:  # integer buffers: the first ingredient's
-                    state[name].copy_(tensor)
-        for _ in range(o.steps):
-            step = list(range(n)) if o.models_per_step >= n else \
-                sorted(torch.randperm(n, generator=draws)[: o.models_per_step].tolist())
-            index = torch.randperm(len(ctx.val), generator=batches)[: ctx.eval_batch_size]
-            inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(index).items()}
-            with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step), scratch) as (mixed, projected, readers):
-                readers.extend(files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step)
-                F.cross_entropy(logits_of(model(**inputs)), labels[index.to(ctx.device)]).backward()
-            before = torch.softmax(alpha, dim=1)
-            start = torch.logsumexp(alpha, dim=1)
-            # dL/dalpha_i = w_i * (<g, theta_i> - <g, theta>) per row
-            adam.step(step, before[:, step] * (projected - mixed[:, None]))
-            after = torch.softmax(alpha, dim=1)
-            # the ingredients left out keep their logits, so their terms only rescale, by `keep`: the mix is updated
-            # in place from the step's members alone (and rebuilt from them when they are all N)
-            keep = torch.zeros(len(alpha), dtype=torch.float64) if len(step) == n else \
-                torch.exp(start - torch.logsumexp(alpha, dim=1))
-            add = after[:, step] - keep[:, None] * before[:, step]
-            with torch.no_grad():
-                for name, t in tensors.items():
-                    t.mul_(float(keep[rows[name]]))
-                for j, name, tensor in stream(store, [ranked[i] for i in step], tensors, scratch):
-                    tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=float(add[rows[name], j]))
+    store, ranked = ctx.store, ctx.ranked
+    with torch.no_grad():  # the uniform soup
+        for t in tensors.values():
+            t.zero_()
+        for j, name, tensor in stream(store, ranked, state, scratch):
+            if name in tensors:
+                tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=1 / n)
+            elif j == 0:  # integer buffers: the first ingredient's
+                state[name].copy_(tensor)
+    for _ in range(o.steps):
+        step = list(range(n)) if o.models_per_step >= n else \
+            sorted(torch.randperm(n, generator=draws)[: o.models_per_step].tolist())
+        index = torch.randperm(len(ctx.val), generator=batches)[: ctx.eval_batch_size]
+        inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(index).items()}
+        with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step), scratch) as (mixed, projected, readers):
+            readers.extend(files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step)
+            F.cross_entropy(logits_of(model(**inputs)), labels[index.to(ctx.device)]).backward()
+        before = torch.softmax(alpha, dim=1)
+        start = torch.logsumexp(alpha, dim=1)
+        # dL/dalpha_i = w_i * (<g, theta_i> - <g, theta>) per row
+        adam.step(step, before[:, step] * (projected - mixed[:, None]))
+        after = torch.softmax(alpha, dim=1)
+        # the ingredients left out keep their logits, so their terms only rescale, by `keep`: the mix is updated
+        # in place from the step's members alone (and rebuilt from them when they are all N)
+        keep = torch.zeros(len(alpha), dtype=torch.float64) if len(step) == n else \
+            torch.exp(start - torch.logsumexp(alpha, dim=1))
+        add = after[:, step] - keep[:, None] * before[:, step]
+        with torch.no_grad():
+            for name, t in tensors.items():
+                t.mul_(float(keep[rows[name]]))
+            for j, name, tensor in stream(store, [ranked[i] for i in step], tensors, scratch):
+                tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=float(add[rows[name], j]))
     weights = torch.softmax(alpha, dim=1)
     return Soup("learned", list(ctx.ranked), {name: weights[rows[name]].tolist() for name in tensors} | {
         name: [1.0] + [0.0] * (n - 1) for name, info in ctx.reference.items() if not info.dtype.is_floating_point})
 
 
 def search(ctx: SoupContext, method: str, ingredients: list[Ingredient], merges: list[TaskMerge]) -> Soup:
-    """Score every candidate merge on val and keep the best (the first of equals, in the order given). Candidates
-    that differ only in `scale` share one pass over the checkpoints; each costs one evaluation."""
+    """Score candidate merges on val and keep the best (the first of equals, in the order given). Candidates that
+    differ only in `scale` form a line, which shares one pass over the checkpoints; each line is searched as
+    `ctx.search` says (every candidate, or `coarse_to_fine` along its scales). Each candidate scored is one
+    evaluation; the trajectory holds those scored, in the order given."""
     accumulate = ctx.accumulate
     theta0 = task_vectors.start(ctx.store, ctx.pretrained, accumulate, ctx.reference)
-    trajectory, best = [], None
-    for shape, group in groupby(merges, key=lambda m: replace(m, scale=1.0)):
+    trajectory: list[SearchStep] = []
+    candidates: list[TaskMerge] = []
+    calls: list[int] = []  # the score call of each candidate in the trajectory
+    for shape, line in groupby(merges, key=lambda m: replace(m, scale=1.0)):
+        line = list(line)
         tau = task_vectors.task_vector(ctx.store, theta0, ingredients, shape, accumulate, ctx.reference)
-        for merge in group:
-            score = ctx.score(task_vectors.apply(theta0, tau, merge.scale, ctx.reference), len(ingredients) + 1)
-            trajectory.append(SearchStep(**asdict(merge), soup_val=score))
-            if best is None or score > trajectory[best].soup_val:
-                best = len(trajectory) - 1
+        by_scale = sorted(range(len(line)), key=lambda i: line[i].scale)
+        called: dict[int, int] = {}
+
+        def score(position: int) -> float:
+            called[by_scale[position]] = len(calls) + len(called)
+            scale = line[by_scale[position]].scale
+            return ctx.score(task_vectors.apply(theta0, tau, scale, ctx.reference), len(ingredients) + 1)
+
+        scored = ({p: score(p) for p in range(len(line))} if ctx.search == "grid" else
+                  coarse_to_fine(len(line), score))
+        scores = {by_scale[p]: value for p, value in scored.items()}
+        trajectory += [SearchStep(**asdict(line[i]), soup_val=scores[i]) for i in sorted(scores)]
+        candidates += [line[i] for i in sorted(scores)]
+        calls += [called[i] for i in sorted(scores)]
         del tau
+    best = max(range(len(trajectory)), key=lambda i: (trajectory[i].soup_val, -i))
     trajectory[best] = trajectory[best].model_copy(update={"chosen": True})
-    chosen = merges[best]
-    return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, chosen)
+    return Soup(method, list(ingredients), [1.0] * len(ingredients), trajectory, candidates[best], scored=calls[best])
+
+
+def coarse_to_fine(n: int, score: Callable[[int], float]) -> dict[int, float]:
+    """Scores of some of the points 0..n-1 of a line sorted by scale: every other point and the last, then the best
+    one's unscored neighbours, climbing on while a neighbour scores higher. Wherever the score rises then falls
+    along the line, the best point is the one scoring every point finds, for about n/2 + 2 scores."""
+    scores = {p: score(p) for p in sorted({*range(0, n, 2), n - 1})}
+    while True:
+        best = max(scores, key=lambda p: (scores[p], -p))
+        fresh = [p for p in (best - 1, best + 1) if 0 <= p < n and p not in scores]
+        if not fresh:
+            return scores
+        scores.update({p: score(p) for p in fresh})
 
 
 @soup_method("wiseft")
@@ -240,7 +268,7 @@ def model_stock(ctx: SoupContext, o: None = None) -> Soup:
     return Soup("model_stock", list(ctx.ranked), [1.0] * len(ctx.ranked), trajectory, merge)
 
 
-def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, reference: Mapping[str, TensorInfo],
+def soup_state(store: Checkpoints, soup: Soup, pretrained: Ingredient | None, reference: Mapping[str, TensorInfo],
                accumulate: torch.dtype) -> dict[str, torch.Tensor]:
     """The soup's weights, computed exactly as its method scored them."""
     if soup.task is None:
@@ -248,49 +276,3 @@ def soup_state(store: Store, soup: Soup, pretrained: Ingredient | None, referenc
     theta0 = task_vectors.start(store, pretrained, accumulate, reference)
     tau = task_vectors.task_vector(store, theta0, soup.ingredients, soup.task, accumulate, reference)
     return task_vectors.apply(theta0, tau, soup.task.scale, reference)
-
-
-class _KeywordInputs(torch.nn.Module):
-    """`update_bn` calls `model(batch)`; our models take their inputs as keyword arguments."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
-        return self.model(**inputs)
-
-
-def recompute_batchnorm(model: torch.nn.Module, data: SplitData, batch_size: int = 256) -> bool:
-    """Re-estimate BatchNorm running statistics on `data` with `torch.optim.swa_utils.update_bn` (a cumulative
-    average over all batches); False when the model has no BatchNorm."""
-    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return False
-    device = next(model.parameters()).device
-    batches = ({name: value.to(device) for name, value in data.batch(slice(start, start + batch_size)).items()}
-               for start in range(0, len(data), batch_size))
-    torch.optim.swa_utils.update_bn(batches, _KeywordInputs(model))
-    model.eval()
-    return True
-
-
-def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
-    """Log of the mean predicted probability of the members: an output ensemble, as log-probabilities."""
-    probs = np.mean([np.exp(log_softmax(x.astype(np.float64), axis=1)) for x in logits], axis=0)
-    return np.log(np.clip(probs, 1e-300, None))
-
-
-def greedy_ensemble(ranked: Sequence[str], val_logits: Mapping[str, np.ndarray], labels: np.ndarray, rule: str = ">=") -> list[str]:
-    """The greedy recipe applied to output ensembles, from stored val logits: no forward pass."""
-
-    def accuracy(members: list[str]) -> float:
-        return metrics(ensemble_logits([val_logits[m] for m in members]), labels).accuracy
-
-    chosen = [ranked[0]]
-    best = accuracy(chosen)
-    for member in ranked[1:]:
-        score = accuracy(chosen + [member])
-        if accepts(score, best, rule):
-            chosen, best = chosen + [member], score
-    return chosen
-

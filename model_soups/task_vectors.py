@@ -26,9 +26,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from model_soups.merge import Ingredient, check_finite, open_all, weighted_sum
+from model_soups.merge import Checkpoints, Ingredient, check_finite, open_all, weighted_sum
 from model_soups.records import TaskMerge
-from model_soups.storage import CorruptCheckpoint, Store, TensorInfo
+from model_soups.storage import CorruptCheckpoint, TensorInfo
 
 
 def dare_keep(shape: Sequence[int], drop: float, seed: int, ingredient: str, name: str) -> torch.Tensor:
@@ -62,7 +62,7 @@ def stock_ratio(cosine: float, k: int) -> float:
     return min(1.0, k * cosine / ((k - 1) * cosine + 1))
 
 
-def start(store: Store, pretrained: Ingredient | None, accumulate: torch.dtype,
+def start(store: Checkpoints, pretrained: Ingredient | None, accumulate: torch.dtype,
           reference: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
     """theta_0, what every task-vector merge subtracts: the pretrained start in the accumulation dtype, checked
     against the reference and its sha256."""
@@ -75,7 +75,7 @@ def start(store: Store, pretrained: Ingredient | None, accumulate: torch.dtype,
         raise CorruptCheckpoint(f"the pretrained start, which a task-vector merge subtracts, is unusable: {error}") from None
 
 
-def task_vector(store: Store, theta0: Mapping[str, torch.Tensor], ingredients: Sequence[Ingredient], merge: TaskMerge,
+def task_vector(store: Checkpoints, theta0: Mapping[str, torch.Tensor], ingredients: Sequence[Ingredient], merge: TaskMerge,
                 accumulate: torch.dtype, reference: Mapping[str, TensorInfo],
                 stock: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
     """combine(tau_1..tau_N) for every floating tensor, in the accumulation dtype (see the module's docstring), and

@@ -8,7 +8,7 @@ from prefect.artifacts import create_table_artifact
 
 from model_soups import soup_sweep, sweep
 from model_soups.context import RunContext
-from model_soups.cooking import greedy_gains
+from model_soups.cooking import greedy_gains, pantry_for
 from model_soups.records import FailedIngredient, IngredientRecord, PretrainedRecord, SweepRound, reuse_or_build
 from model_soups.sweep import IngredientSpec, StopRound, SweepStop
 from tasks import QUIET, artifact_key
@@ -92,7 +92,9 @@ def stop_early(ctx: RunContext, pretrained: PretrainedRecord, specs: list[Ingred
         metas, failed = metas + joined, failed + left_out
         members, soup_val = [], 0.0
         if metas:  # only completed ingredients: a failed one never joins a soup
-            soup = cook_soup(ctx, pretrained, metas, {m.id: evaluations.val_accuracy(m) for m in metas}, "greedy")
+            with pantry_for(ctx, pretrained, metas) as checkpoints:
+                soup = cook_soup(ctx, checkpoints, pretrained, metas, {m.id: evaluations.val_accuracy(m) for m in metas},
+                                 "greedy")
             members, soup_val = soup.ingredients, soup.metrics["val"].accuracy
         gain = soup_val - (rounds[-1].soup_val if rounds else 0.0)
         rounds.append(StopRound(index=index, fine_tunes=[s.id for s in batch], soup=members, soup_val=soup_val, gain=gain))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model_soups.config import parse_config
-from model_soups.cooking import cook_soup
+from model_soups.cooking import cook_soup, pantry_for
 from model_soups.evaluate import evaluate_ingredient
 from model_soups.context import RunContext
 from model_soups.ingredients import ensure_pretrained, train_ingredient
@@ -29,7 +29,8 @@ def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invari
     metas = [train_ingredient(ctx, pretrained, spec, slot, log) for spec in ctx.plan.specs]
     val_accuracy = {m.id: evaluate_ingredient(ctx.store, ctx.layout, ctx.recipe, m, "val", log).accuracy for m in metas}
 
-    record = cook_soup(ctx, pretrained, metas, val_accuracy, "greedy", log)
+    with pantry_for(ctx, pretrained, metas) as checkpoints:
+        record = cook_soup(ctx, checkpoints, pretrained, metas, val_accuracy, "greedy", log)
 
     published_val = record.metrics["val"].accuracy
     accepted = [step for step in record.trajectory if step.accepted]

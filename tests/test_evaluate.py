@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model_soups.evaluate import metrics
+from model_soups.evaluate import metrics, recompute_batchnorm
 from model_soups.recipes.base import get_recipe
 from model_soups.recipes.digits import Digits
-from model_soups.soups import recompute_batchnorm
 
 
 def test_metrics_match_hand_computed_values():

@@ -15,7 +15,8 @@ from model_soups.merge import Ingredient, weighted_average
 from model_soups.methods import LearnedOptions
 from model_soups.recipes.base import get_recipe
 from model_soups.recipes.digits import DigitsNet
-from model_soups.soups import SoupContext, ensemble_logits, greedy_ensemble, greedy_soup, learned_soup, rank
+from model_soups.ensembles import ensemble_logits, greedy_ensemble
+from model_soups.soups import SoupContext, greedy_soup, learned_soup, rank
 from model_soups.storage import Store
 from tests.test_merge import any_store  # noqa: F401 (fixture)
 
@@ -220,3 +221,19 @@ def test_greedy_ensemble_keeps_only_members_that_do_not_hurt_val():
     bad = -good * 5
     chosen = greedy_ensemble(["a", "b", "c"], {"a": good, "b": bad, "c": good}, labels)
     assert chosen == ["a", "c"]
+
+
+def test_soup_search_is_part_of_the_key_of_the_soups_that_search_only():
+    from types import SimpleNamespace
+
+    from model_soups.config import SoupOptions
+    from model_soups.cooking import soup_key
+
+    pretrained = SimpleNamespace(sha256="0" * 64)
+    metas = [SimpleNamespace(id=f"i{k}", sha256=f"{k}" * 64) for k in range(3)]
+    val = {m.id: 0.5 for m in metas}
+    grid, fine = SoupOptions(search="grid"), SoupOptions(search="coarse-to-fine")
+    for method in ("uniform", "greedy", "learned", "model_stock"):  # no search: the same soup, the same key
+        assert soup_key(grid, pretrained, metas, val, method) == soup_key(fine, pretrained, metas, val, method)
+    for method in ("wiseft_best", "task_arithmetic", "ties", "dare", "dare_ties"):
+        assert soup_key(grid, pretrained, metas, val, method) != soup_key(fine, pretrained, metas, val, method)
