@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from model_soups.config import parse_config
-from model_soups.cooking import cook_soup, pantry_for
-from model_soups.evaluate import evaluate_ingredient
 from model_soups.context import RunContext
+from model_soups.cooking import cook_soup, pantry_for
+from model_soups.evaluate import evaluate_ingredient, load_model, predict
 from model_soups.ingredients import ensure_pretrained, train_ingredient
 from model_soups.processes import device_slots
 from tests.conftest import small_digits
@@ -37,3 +38,7 @@ def test_published_greedy_soup_with_recomputed_batchnorm_keeps_the_greedy_invari
     assert len(accepted) >= 2 and record.batchnorm == "recomputed on 300 train examples"
     assert published_val == accepted[-1].soup_val
     assert published_val >= max(val_accuracy.values())
+    # the published checkpoint (its re-estimated statistics saved in it), evaluated afresh, gives the stored val logits
+    model = load_model(ctx.recipe, ctx.store.load_checkpoint(record.checkpoint, record.sha256))
+    logits = predict(model, ctx.recipe.dataset("val"), ctx.recipe.eval_batch_size)
+    assert np.array_equal(ctx.store.read_arrays(ctx.layout.soup_logits(record.key, "val"))["logits"], logits)
