@@ -10,9 +10,9 @@ One command, three flow runs against one Prefect server started here:
      under the same conditions.
 The soups of 2 and 3 are compared by sha256, and every task-vector soup's chosen candidate by its val accuracy.
 
-With `--replay ROOT` it runs nothing: for every stored task-vector soup under ROOT whose trajectory scored its
-whole grid (`soup.search: grid`, every run before 2026-12-04), it replays `soups.coarse_to_fine` on those recorded
-scores, and counts the soups whose choice would change and the evaluations it would take.
+With `--replay ROOT` it runs nothing: for every stored task-vector soup under ROOT made with `soup.search: grid` (as
+every run before 2026-12-04 was), it replays `soups.coarse_to_fine` on the scores its trajectory recorded, and
+counts the soups whose choice would change and the evaluations it would take.
 
     python bench/cook.py --train ../shared/data/sst2/train.tsv --test ../shared/data/sst2/dev.tsv --before da3755b
     python bench/cook.py --replay /tmp/q-digits
@@ -42,6 +42,7 @@ from model_soups.manifest import Manifest
 from model_soups.records import SearchStep, SoupRecord
 from model_soups.soups import coarse_to_fine
 from model_soups.storage import Store
+from pipeline import union_seconds  # bench/pipeline.py
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -83,16 +84,6 @@ def flow_run(config: dict, code: Path, api_url: str, log: Path) -> dict:
             "after_last_finetune_s": (run.end_time - last).total_seconds(),
             "evaluating_after_s": after("evaluate-"), "cooking_after_s": after("cook-"), "publishing_s": after("publish"),
             "root": config["storage"]["root"], "log": str(log)}
-
-
-def union_seconds(intervals) -> float:
-    total, end = 0.0, None
-    for start, stop in sorted(intervals):
-        if end is None or start > end:
-            total, end = total + (stop - start).total_seconds(), stop
-        elif stop > end:
-            total, end = total + (stop - end).total_seconds(), stop
-    return total
 
 
 def soups_of(root: str) -> dict[str, SoupRecord]:
