@@ -16,6 +16,10 @@ counts the soups whose choice would change and the evaluations it would take.
 
     python bench/cook.py --train ../shared/data/sst2/train.tsv --test ../shared/data/sst2/dev.tsv --before da3755b
     python bench/cook.py --replay /tmp/q-digits
+
+Without `--before` it makes the full run alone: the fine-tune stage and the time after it, on this machine's devices
+(`bench/gpu.sh cook` runs it so on a GPU, with `--model` a MiniLM of random weights, since the packaged 90 MB
+checkpoint does not travel there; the time does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from itertools import groupby
 from pathlib import Path
 
+import torch
 import yaml
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -55,7 +60,7 @@ def text_config(root: str, args: argparse.Namespace) -> dict:
             "recipe": {"name": "text", "options": {
                 "train": str(Path(args.train).resolve()), "test": str(Path(args.test).resolve()),
                 "text_column": "sentence", "max_train_examples": total, "val_fraction": args.val / total,
-                "max_length": 64}},
+                "max_length": 64, **({"model": str(Path(args.model).resolve())} if args.model else {})}},
             "sweep": {"n": args.n, "seed": 0, "params": {"epochs": [1], "lr": {"low": 1e-5, "high": 1e-4, "log": True}}}}
 
 
@@ -63,12 +68,18 @@ def flow_run(config: dict, code: Path, api_url: str, log: Path) -> dict:
     """`soup run` of `config` by the code checked out at `code`, against the server at `api_url`; its timings."""
     folder = Path(tempfile.mkdtemp(prefix="soup-cook-bench-"))
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PREFECT_API_URL": api_url,  # `code` first; what else the path holds (bench/gpu.sh's wheels) after it
+           "PYTHONPATH": os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])}
     started = time.time()
-    with open(log, "w") as out:
-        subprocess.run([sys.executable, "-c", "import sys, model_soups; print('code:', model_soups.__file__, flush=True); "
-                        "from flows.cli import main; sys.exit(main(sys.argv[1:]))", "run", str(folder / "config.yaml")],
-                       cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    command = [sys.executable, "-c", "import sys, model_soups; print('code:', model_soups.__file__, flush=True); "
+               "from flows.cli import main; sys.exit(main(sys.argv[1:]))", "run", str(folder / "config.yaml")]
+    with open(log, "w") as out, subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:  # the flow's own log is the progress
+            out.write(line)
+            print(f"  [{log.stem}] {line}", end="", flush=True)
+    if process.returncode != 0:
+        raise SystemExit(f"{log}: `soup run` failed with exit code {process.returncode}")
     first = open(log).readline()
     if not first.startswith(f"code: {code}"):
         raise SystemExit(f"{log}: ran the wrong checkout ({first.strip()}), not {code}")
@@ -137,7 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train")
     parser.add_argument("--test")
-    parser.add_argument("--before", help="the commit whose cooking is compared (e.g. da3755b)")
+    parser.add_argument("--before", help="the commit whose cooking is compared (e.g. da3755b); without it, the full run alone")
+    parser.add_argument("--model", help="the text recipe's model folder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--out", default="bench/results/cook_text.json", help="where the results go as JSON")
     parser.add_argument("--replay", metavar="ROOT", help="only replay coarse-to-fine on the grid searches stored there")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-train", type=int, default=6000)
@@ -145,12 +158,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.replay:
         return replay(args.replay)
-    if not (args.train and args.test and args.before):
-        parser.error("give --train, --test and --before (or --replay ROOT)")
+    if not (args.train and args.test):
+        parser.error("give --train and --test (or --replay ROOT)")
     work = Path(tempfile.mkdtemp(prefix="soup-cook-bench-"))
     before = work / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=CHECKOUT, check=True,
-                   capture_output=True)
+    if args.before:
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=CHECKOUT, check=True,
+                       capture_output=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = SubprocessASGIServer()
     server.start()
@@ -159,12 +173,42 @@ def main() -> None:
         full = flow_run(text_config(f"file://{work}/full", args), CHECKOUT, server.api_url, work / "full.log")
         print(f"full run: fine-tune stage {full['finetune_stage_s']:.0f} s, after it {full['after_last_finetune_s']:.0f} s",
               flush=True)
-        old = flow_run(text_config(without_soups(full["root"], str(work / "old")), args), before, server.api_url, work / "old.log")
-        new = flow_run(text_config(without_soups(full["root"], str(work / "new")), args), CHECKOUT, server.api_url, work / "new.log")
+        runs = {"full run, this code": full}
+        if args.before:
+            runs[f"cook only, {args.before}"] = flow_run(text_config(without_soups(full["root"], str(work / "old")), args),
+                                                         before, server.api_url, work / "old.log")
+            runs["cook only, this code"] = flow_run(text_config(without_soups(full["root"], str(work / "new")), args),
+                                                    CHECKOUT, server.api_url, work / "new.log")
     finally:
         server.stop()
-        subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=CHECKOUT, capture_output=True)
-    old_soups, new_soups = soups_of(old["root"]), soups_of(new["root"])
+        if args.before:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=CHECKOUT, capture_output=True)
+    stage = full["finetune_stage_s"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    print(f"\nText recipe, {args.n} MiniLM fine-tunes of {args.max_train} sentences (one epoch, val {args.val}), every "
+          f"default soup, {device}\n")
+    print("| run | fine-tune stage s | after the last fine-tune s | of it: evaluating s | cooking s | publishing s "
+          "| after / fine-tune stage |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {r['finetune_stage_s']:.0f} | {r['after_last_finetune_s']:.0f} | {r['evaluating_after_s']:.0f} | "
+              f"{r['cooking_after_s']:.0f} | {r['publishing_s']:.0f} | {r['after_last_finetune_s'] / stage:.3f} |")
+    print(f"\nafter / fine-tune stage = {full['after_last_finetune_s'] / stage:.3f} (goal <= 0.10)")
+    results = {"device": device, "full": full, "command": " ".join(sys.argv)}
+    if args.before:
+        old, new = runs[f"cook only, {args.before}"], runs["cook only, this code"]
+        results.update(before=old, now=new, soups=compare_soups(old["root"], new["root"]))
+        worse = [r["method"] for r in results["soups"]
+                 if r["chosen_val_now"] is not None and r["chosen_val_now"] < r["chosen_val_before"]]
+        print(f"cooking alone, before {old['after_last_finetune_s']:.0f} s, now {new['after_last_finetune_s']:.0f} s; "
+              f"chosen val lower than before: {worse or 'none'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+
+def compare_soups(old_root: str, new_root: str) -> list[dict]:
+    """Each soup of two cook-only runs: byte-identical or not, candidate evaluations, and the chosen val; printed."""
+    old_soups, new_soups = soups_of(old_root), soups_of(new_root)
     rows = []
     for method in new_soups:
         a, b = old_soups[method], new_soups[method]
@@ -173,28 +217,13 @@ def main() -> None:
                      "candidates_before": a.candidate_evaluations, "candidates_now": b.candidate_evaluations,
                      "chosen_val_before": was.soup_val if was else None, "chosen_val_now": now.soup_val if now else None,
                      "test_before": a.metrics["test"].accuracy, "test_now": b.metrics["test"].accuracy})
-    stage = full["finetune_stage_s"]
-    print(f"\nText recipe, {args.n} MiniLM fine-tunes of {args.max_train} sentences (one epoch, val {args.val}), every "
-          f"default soup, {os.cpu_count()} CPU cores\n")
-    print("| run | fine-tune stage s | after the last fine-tune s | of it: evaluating s | cooking s | publishing s "
-          "| after / fine-tune stage |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in (("full run, this code", full), (f"cook only, {args.before}", old), ("cook only, this code", new)):
-        print(f"| {name} | {r['finetune_stage_s']:.0f} | {r['after_last_finetune_s']:.0f} | {r['evaluating_after_s']:.0f} | "
-              f"{r['cooking_after_s']:.0f} | {r['publishing_s']:.0f} | {r['after_last_finetune_s'] / stage:.3f} |")
     print("\n| soup | byte-identical | candidates before | now | chosen val before | now | test before | now |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         val = lambda x: "" if x is None else f"{100 * x:.2f}"  # noqa: E731
         print(f"| {r['method']} | {r['identical']} | {r['candidates_before']} | {r['candidates_now']} | "
               f"{val(r['chosen_val_before'])} | {val(r['chosen_val_now'])} | {val(r['test_before'])} | {val(r['test_now'])} |")
-    worse = [r["method"] for r in rows if r["chosen_val_now"] is not None and r["chosen_val_now"] < r["chosen_val_before"]]
-    print(f"\nafter / fine-tune stage = {full['after_last_finetune_s'] / stage:.3f} (goal <= 0.10); cooking alone, "
-          f"before {old['after_last_finetune_s']:.0f} s, now {new['after_last_finetune_s']:.0f} s; "
-          f"chosen val lower than before: {worse or 'none'}")
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/cook_text.json").write_text(json.dumps(
-        {"full": full, "before": old, "now": new, "soups": rows, "command": " ".join(sys.argv)}, indent=2, default=str))
+    return rows
 
 
 if __name__ == "__main__":

