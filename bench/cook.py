@@ -1,5 +1,5 @@
 """The time after the last fine-tune against the fine-tune stage, for the text recipe's default search, side by side
-with the code of an earlier commit.
+with the code of an earlier commit (`--methods` cooks only the soups named).
 
 One command, three flow runs against one Prefect server started here:
   1. the current code runs the whole flow on fresh storage: its fine-tune stage, and the time after its last
@@ -61,7 +61,9 @@ def text_config(root: str, args: argparse.Namespace) -> dict:
                 "train": str(Path(args.train).resolve()), "test": str(Path(args.test).resolve()),
                 "text_column": "sentence", "max_train_examples": total, "val_fraction": args.val / total,
                 "max_length": 64, **({"model": str(Path(args.model).resolve())} if args.model else {})}},
-            "sweep": {"n": args.n, "seed": 0, "params": {"epochs": [1], "lr": {"low": 1e-5, "high": 1e-4, "log": True}}}}
+            "sweep": {"n": args.n, "seed": 0, "params": {"epochs": [1], "lr": {"low": 1e-5, "high": 1e-4, "log": True}}},
+            **({"soup": {"methods": args.methods, "final": "greedy" if "greedy" in args.methods else args.methods[0]}}
+               if args.methods else {})}
 
 
 def flow_run(config: dict, code: Path, api_url: str, log: Path) -> dict:
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--before", help="the commit whose cooking is compared (e.g. da3755b); without it, the full run alone")
     parser.add_argument("--model", help="the text recipe's model folder (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--out", default="bench/results/cook_text.json", help="where the results go as JSON")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="cook only these soups (default: every default "
+                        "soup), e.g. greedy: the time after the fine-tunes when only the published soup is cooked")
     parser.add_argument("--replay", metavar="ROOT", help="only replay coarse-to-fine on the grid searches stored there")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-train", type=int, default=6000)
@@ -185,8 +189,9 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=CHECKOUT, capture_output=True)
     stage = full["finetune_stage_s"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    print(f"\nText recipe, {args.n} MiniLM fine-tunes of {args.max_train} sentences (one epoch, val {args.val}), every "
-          f"default soup, {device}\n")
+    soups = "the soups " + ", ".join(args.methods) if args.methods else "every default soup"
+    print(f"\nText recipe, {args.n} MiniLM fine-tunes of {args.max_train} sentences (one epoch, val {args.val}), "
+          f"{soups}, {device}\n")
     print("| run | fine-tune stage s | after the last fine-tune s | of it: evaluating s | cooking s | publishing s "
           "| after / fine-tune stage |")
     print("|---|---|---|---|---|---|---|")
