@@ -9,13 +9,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_soups.config import NAME_PATTERN, RunConfig
 from model_soups.context import RunContext, fewest_ingredients
-from model_soups.cooking import pantry_for, val_accuracies
+from model_soups.cooking import val_accuracies
 from model_soups.ingredients import new_run_id, start_as_model, without_duplicates
-from model_soups.methods import SOUP_METHODS
-from tasks.cooking import cook_soup
+from tasks.cooking import cook_here, cook_on_pool
 from tasks.evaluation import Evaluations
 from tasks.ingredients import fan_out, prepare
-from tasks.publishing import publish
+from tasks.publishing import publish, show_run
 from tasks.sweep import soup_aware, stop_early
 
 # Threads mostly wait here: fine-tunes run in their own processes (throttled to the device slots) or on a pool.
@@ -60,7 +59,9 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     pretrained, specs = prepare(ctx), ctx.plan.specs
     evaluations = Evaluations(ctx)  # each model's evaluations, started once: pipelined, as soon as it is verified
     start = start_as_model(pretrained)  # the pretrained start, evaluated as the report's reference point
-    evaluations.ready(start)
+    on_pool = config.execution.cook_on == "device-pool"  # then the pool evaluates the start, beside the soups
+    if not on_pool:
+        evaluations.ready(start)
     stop = None
     if config.sweep.stop is not None:  # rounds, until the greedy soup stops gaining
         metas, failed, stop = stop_early(ctx, pretrained, specs, THREADS - RESERVED, evaluations)
@@ -81,25 +82,24 @@ def model_soup(config: RunConfig = RunConfig()) -> dict[str, str]:
     if len(metas) < fewest:
         raise TooFewIngredients(f"only {len(metas)} ingredients survived, {why}; failures: {[f.model_dump() for f in failed]}")
 
-    evaluations.start(start)  # not pipelined: now, beside the ingredients
+    if not on_pool:
+        evaluations.start(start)  # not pipelined: now, beside the ingredients
     evaluated = evaluations.results(metas)  # sweep order, split order
     logger.info(f"{len(evaluated)} evaluations ({sum(e.reused for e in evaluated)} reused)")
-    val_accuracy = val_accuracies(evaluated)
 
-    # one pantry for all the soups: each checkpoint read and checked once. Methods that build on another soup
-    # (WiSE-FT of the greedy soup) are cooked once that soup is
-    with pantry_for(ctx, pretrained, metas) as checkpoints:
-        first = {m: cook_soup.submit(ctx, checkpoints, pretrained, metas, val_accuracy, m) for m in config.soup.methods
-                 if SOUP_METHODS[m].base(config.soup) is None}
-        then = {m: cook_soup.submit(ctx, checkpoints, pretrained, metas, val_accuracy, m,
-                                    first[SOUP_METHODS[m].base(config.soup)]) for m in config.soup.methods if m not in first}
-        soup_records = [{**first, **then}[m].result() for m in config.soup.methods]
-        logger.info(f"cooking read its checkpoints through the pantry: {checkpoints.summary()}")
-    logger.info(f"{len(soup_records)} soups ({sum(r.reused for r in soup_records)} reused)")
-    paths = publish(ctx, pretrained, metas, failed, evaluated, soup_records, run_id, evaluations.results([start]), stop)
+    if on_pool:  # the cook run evaluates the start, cooks and publishes there: this run reads no checkpoint
+        cooked = cook_on_pool.with_options(retries=config.execution.retries)(ctx, pretrained, metas, failed, evaluated,
+                                                                             run_id, stop)
+    else:
+        cooked = cook_here(ctx, pretrained, metas, val_accuracies(evaluated))
+        cooked.start = evaluations.results([start])
+    logger.info(f"{len(cooked.soups)} soups ({cooked.soups_reused} reused)")
+    paths = show_run(ctx, cooked.run if on_pool else publish(ctx, pretrained, metas, failed, evaluated, cooked, run_id, stop))
     if not paths["run"].endswith(f"/{run_id}"):  # it completed a half-published folder: the run takes its name
         rename(config, paths["run"].rsplit("/", 1)[1])
     if failed:
         logger.warning(f"soup made without {len(failed)} failed ingredient(s): {[f.id for f in failed]}")
+    reads = ctx.store.checkpoints_read
+    logger.info(f"this flow run read {sum(reads.values())} checkpoint(s) from storage ({len(reads)} distinct)")
     logger.info(f"run folder {paths['run']}")
     return paths

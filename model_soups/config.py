@@ -184,8 +184,12 @@ class ExecutionConfig(Strict):
     evaluate_on: Literal["orchestrator", "finetune-worker"] = Field(
         "orchestrator",
         description="where ingredients are evaluated in work-pool mode: by the orchestrating flow run, or by each "
-        "fine-tune run right after training, on its GPU (soups are always cooked by the orchestrator)",
+        "fine-tune run right after training, on its GPU",
     )
+    cook_on: Literal["orchestrator", "device-pool"] = Field(
+        "orchestrator", description="where the soups are cooked: by the orchestrating flow run, or (work-pool mode) by "
+        "one run of cook_deployment on the device pool, which reads each checkpoint there while the orchestrator waits")
+    cook_deployment: str = Field("cook/gpu", description="the deployment that cooks with cook_on: device-pool")
     cook_memory_mb: float = Field(
         4096, ge=0, description="checkpoints the cooking holds in memory (MB), each read from storage and checked "
         "against its sha256 once for all the soups; those beyond it are read again from local disk (0: none held)")
@@ -217,6 +221,13 @@ class RunConfig(Strict):
         if not backend_of(self.storage.root).shared:
             raise ValueError(f"storage.root {self.storage.root}: only the process that writes it sees it, and a run's "
                              "fine-tunes run in processes of their own; give a local path, file:// or s3:// URL")
+        return self
+
+    @model_validator(mode="after")
+    def _cooks_on_a_pool_only_in_work_pool_mode(self) -> "RunConfig":
+        if self.execution.cook_on == "device-pool" and self.execution.fanout != "work-pool":
+            raise ValueError("execution.cook_on: device-pool cooks as a run of execution.cook_deployment on a work pool; "
+                             "set execution.fanout: work-pool too, or cook_on: orchestrator to cook on this machine")
         return self
 
     @model_validator(mode="after")

@@ -63,6 +63,12 @@ def pantry_for(ctx: RunContext, pretrained: PretrainedRecord, metas: list[Ingred
                   ctx.config.execution.cook_memory_mb)
 
 
+def delta_cosines(pantry: Pantry, pretrained: PretrainedRecord, metas: list[IngredientRecord]) -> list[list[float]]:
+    """The pairwise cosines of the ingredients' deltas from the pretrained start, read through the cooking's pantry."""
+    start = Ingredient("pretrained", pretrained.url, pretrained.sha256)
+    return merge.delta_cosines(pantry, start, ingredients_of(metas)).round(6).tolist()
+
+
 def cook_soup(ctx: RunContext, pantry: Pantry, pretrained: PretrainedRecord, metas: list[IngredientRecord],
               val_accuracy: dict[str, float], method: str, log: Log, base: SoupRecord | None = None) -> SoupRecord:
     """Cook one soup and evaluate it on every split; the same soup, already stored and verified, is reused. A method

@@ -79,14 +79,20 @@ def stored_ingredient(store: Store, layout: Layout, ingredient_id: str) -> Ingre
                           f"ingredient {ingredient_id}", discard)
 
 
-def has_result(store: Store, layout: Layout, ingredient_id: str) -> bool:
-    """A result is stored for the ingredient (completed or diverged); a failed attempt is not a result."""
+def recorded_ingredient(store: Store, layout: Layout, ingredient_id: str) -> IngredientRecord | None:
+    """The stored record of an ingredient as it reads, its checkpoint not read; None if there is none that reads."""
     try:
-        return IngredientRecord.read(store, layout.meta(ingredient_id)).status != "failed"
+        return IngredientRecord.read(store, layout.meta(ingredient_id))
     except StorageUnavailable:
         raise
     except StorageError:
-        return False
+        return None
+
+
+def has_result(store: Store, layout: Layout, ingredient_id: str) -> bool:
+    """A result is stored for the ingredient (completed or diverged); a failed attempt is not a result."""
+    record = recorded_ingredient(store, layout, ingredient_id)
+    return record is not None and record.status != "failed"
 
 
 def lease_lost(store: Store, layout: Layout, ingredient_id: str, running_for_s: float, lease_s: float) -> bool:

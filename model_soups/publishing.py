@@ -10,14 +10,13 @@ from typing import Callable
 
 import torch
 
-from model_soups import merge, report
+from model_soups import report
 from model_soups.context import RunContext
-from model_soups.cooking import ensemble_rows, ingredients_of, val_accuracies
+from model_soups.cooking import ensemble_rows, val_accuracies
 from model_soups.manifest import Cosines, Manifest, ManifestIngredient, ManifestSoup, Publishing
-from model_soups.merge import Ingredient
 from model_soups.recipes.base import Recipe, stable_hash
-from model_soups.records import (BUILD_LEASE_S, EvaluationRecord, FailedIngredient, IngredientRecord, PretrainedRecord,
-                                 SoupRecord)
+from model_soups.records import (BUILD_LEASE_S, Cooked, EvaluationRecord, FailedIngredient, IngredientRecord,
+                                 PretrainedRecord, SoupRecord)
 from model_soups.storage import Layout, Lease, RunFolder, StorageError, StorageUnavailable, Store
 from model_soups.sweep import SweepStop
 from model_soups.train import versions
@@ -45,13 +44,13 @@ def result_rows(metas: list[IngredientRecord], evaluations: list[EvaluationRecor
 
 
 def publish(ctx: RunContext, pretrained: PretrainedRecord, metas: list[IngredientRecord], failed: list[FailedIngredient],
-            evaluations: list[EvaluationRecord], soup_records: list[SoupRecord], run_id: str,
-            start: list[EvaluationRecord], log: Callable[[str], None], stop: SweepStop | None = None) -> RunFolder:
+            evaluations: list[EvaluationRecord], cooked: Cooked, run_id: str, log: Callable[[str], None],
+            stop: SweepStop | None = None) -> RunFolder:
     """The run folder, published: a new one, or a half-published one of the same config and soups, completed."""
-    content = stable_hash({"config": ctx.config.model_dump(mode="json"), "soups": sorted(r.key for r in soup_records)})
+    content = stable_hash({"config": ctx.config.model_dump(mode="json"), "soups": sorted(r.key for r in cooked.soups)})
     run, lease = claim_run_folder(ctx.store, ctx.layout, run_id, content, log)
     try:
-        write_run_folder(ctx, run, pretrained, metas, failed, evaluations, soup_records, start, stop)
+        write_run_folder(ctx, run, pretrained, metas, failed, evaluations, cooked, stop)
         ctx.store.delete(run.file(PUBLISHING))
     finally:
         lease.release()
@@ -88,21 +87,21 @@ def claim_run_folder(store: Store, layout: Layout, run_id: str, content: str,
 
 
 def write_run_folder(ctx: RunContext, run: RunFolder, pretrained: PretrainedRecord, metas: list[IngredientRecord],
-                     failed: list[FailedIngredient], evaluations: list[EvaluationRecord], soup_records: list[SoupRecord],
-                     start: list[EvaluationRecord], stop: SweepStop | None) -> None:
+                     failed: list[FailedIngredient], evaluations: list[EvaluationRecord], cooked: Cooked,
+                     stop: SweepStop | None) -> None:
     config, recipe, store, layout = ctx.config, ctx.recipe, ctx.store, ctx.layout
+    soup_records = cooked.soups
     run_id = run.run_id
     val_accuracy = val_accuracies(evaluations)
     best = max(metas, key=lambda m: val_accuracy[m.id]).id
-    rows = result_rows(metas, evaluations, soup_records, best, start)
+    rows = result_rows(metas, evaluations, soup_records, best, cooked.start)
     if config.soup.ensembles:
         rows += ensemble_rows(store, layout, metas, recipe.splits(), val_accuracy, config.soup.rule)
     results = report.results_frame(rows)
     store.write_bytes(run.file("results.csv"), results.to_csv(index=False).encode())
     store.write_bytes(run.file("results.parquet"), results.to_parquet(index=False))
 
-    cosines = merge.delta_cosines(store, Ingredient("pretrained", pretrained.url, pretrained.sha256), ingredients_of(metas))
-    Cosines(ids=[m.id for m in metas], matrix=cosines.round(6).tolist()).write(store, run.file("cosine.json"))
+    Cosines(ids=[m.id for m in metas], matrix=cooked.cosines).write(store, run.file("cosine.json"))  # read when cooked
 
     final = next(r for r in soup_records if r.method == config.soup.final)
     state = store.load_checkpoint(final.checkpoint, final.sha256)

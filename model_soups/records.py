@@ -251,6 +251,20 @@ class SoupRecord(Record):
     logits_sha256: dict[str, str] = Field(default_factory=dict)  # per split, of soups/<key>/<split>.npz
 
 
+class Cooked(Record):
+    """What one cooking run made: every soup, the pairwise cosines of the fine-tune deltas (read from the same
+    checkpoints, in the order of the ingredients given), where and how it read them; and on the device pool, the
+    pretrained start's evaluations and the run folder it published."""
+
+    soups: list[SoupRecord]
+    soups_reused: int  # of them, already stored and verified
+    cosines: list[list[float]]
+    where: str
+    pantry: str
+    start: list[EvaluationRecord] = Field(default_factory=list)  # the pretrained start's, when it was evaluated there
+    run: str = ""  # the run folder, when it was published there
+
+
 class SweepTrial(BaseModel):
     """One proposal of a soup-aware sweep: the ingredient, Optuna's raw parameters (replayed into the study on
     every round, so a re-run asks exactly what the first run asked) and, once scored, its value."""

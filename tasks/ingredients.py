@@ -9,10 +9,12 @@ from datetime import datetime, timezone
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import as_completed
 from prefect.states import Crashed
 
 from model_soups import ingredients
+from model_soups.config import RunConfig
 from model_soups.context import RunContext
 from model_soups.processes import device_slots
 from model_soups.records import DeviceSlot, FailedIngredient, IngredientRecord, PretrainedRecord
@@ -28,12 +30,37 @@ def unless_storage_is_down(task, task_run, state) -> bool:
     return not isinstance(state.data, (StorageUnavailable, *ingredients.REFUSED))
 
 
+class MissingDeployment(RuntimeError):
+    """A deployment that work-pool mode starts runs of is not on the Prefect server."""
+
+
+def check_deployments(config: RunConfig) -> None:
+    """In work-pool mode, the deployments this run will start runs of exist: found now, not after the fine-tunes."""
+    execution = config.execution
+    wanted = {"execution.finetune_deployment": execution.finetune_deployment}
+    if execution.cook_on == "device-pool":
+        wanted["execution.cook_deployment"] = execution.cook_deployment
+    missing = []
+    with get_client(sync_client=True) as client:
+        for field, name in wanted.items():
+            try:
+                client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                missing.append(f"{field} {name!r}")
+    if missing:
+        raise MissingDeployment(f"no deployment {' and '.join(missing)} on the Prefect server at "
+                                f"{client.api_url}: deploy them (`prefect deploy --all` in the checkout, with its "
+                                "prefect.yaml) or name the deployments to use")
+
+
 @task(name="prepare", **QUIET)
 def prepare(ctx: RunContext) -> PretrainedRecord:
-    """Check the storage root cheaply (the config was checked when the run's context was made), then build or reuse
-    the pretrained start."""
+    """Check cheaply what the run will need (the config was checked when the run's context was made): the storage
+    root, and in work-pool mode its deployments; then build or reuse the pretrained start."""
     log, config, plan = get_run_logger().info, ctx.config, ctx.plan
     ctx.store.check_writable(config.experiment)
+    if config.execution.fanout == "work-pool":
+        check_deployments(config)
     pretrained = ingredients.ensure_pretrained(ctx, log)
     rounds = f" and {config.sweep.n} fine-tunes in soup-aware rounds" if config.sweep.strategy == "soup-aware" else ""
     log(f"{len(plan.specs)} ingredients{rounds}, splits {plan.splits}")
@@ -59,9 +86,15 @@ def finetune_on_pool(ctx: RunContext, pretrained: PretrainedRecord, spec: Ingred
 
     This waits in the orchestrating process and holds no slot of the GPU pool. A run whose fine-tune stops
     renewing its lease (its worker or machine died) is marked Crashed, and the task's retry starts another.
+    With execution.cook_on: device-pool the pool also checks the checkpoint: the fine-tune run reuses a stored result
+    only once it verifies there, and verifies what it trained, so this process reads no checkpoint.
     """
     log, config, store, layout = get_run_logger().info, ctx.config, ctx.store, ctx.layout
-    if not spec.checkpoint:
+    pool_verifies = config.execution.cook_on == "device-pool"
+    before = None  # what the pool found stored: the same record after its run means that run reused it
+    if not spec.checkpoint and pool_verifies:
+        before = ingredients.recorded_ingredient(store, layout, spec.id)
+    elif not spec.checkpoint:
         meta = ingredients.stored_ingredient(store, layout, spec.id)
         if meta is not None:
             log(f"ingredient {spec.id}: reused ({meta.status})")
@@ -82,11 +115,13 @@ def finetune_on_pool(ctx: RunContext, pretrained: PretrainedRecord, spec: Ingred
                 raise RuntimeError(f"flow run {run.name}: {message}")
     if not run.state.is_completed():
         raise RuntimeError(f"flow run {run.name} ended {run.state.type.value}: {run.state.message}")
-    meta = (ingredients.stored_ingredient(store, layout, spec.id) if not spec.checkpoint
-            else IngredientRecord.read(store, layout.meta(spec.id)))
+    meta = (IngredientRecord.read(store, layout.meta(spec.id)) if spec.checkpoint or pool_verifies
+            else ingredients.stored_ingredient(store, layout, spec.id))
     if meta is None:
         raise RuntimeError(f"flow run {run.name} completed but ingredient {spec.id} has no verified result in storage")
-    return meta.model_copy(update={"reused": False})
+    if before is not None and meta == before:
+        log(f"ingredient {spec.id}: reused by flow run {run.name}, which verified it ({meta.status})")
+    return meta.model_copy(update={"reused": before is not None and meta == before})
 
 
 def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,

@@ -33,6 +33,13 @@ def test_set_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         load_config(path, ["sweep.n"])
 
 
+def test_cooking_on_the_device_pool_needs_work_pool_mode():
+    with pytest.raises(ConfigError, match=r"cook_on: device-pool .*set execution\.fanout: work-pool"):
+        parse_config({"execution": {"cook_on": "device-pool"}})
+    config = parse_config({"execution": {"fanout": "work-pool", "cook_on": "device-pool"}})
+    assert config.execution.cook_deployment == "cook/gpu"
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: not found"):
         load_config(tmp_path / "nope.yaml")

@@ -22,6 +22,7 @@ from flows.model_soup import TooFewIngredients, model_soup
 from model_soups.config import ConfigError, StorageConfig, parse_config
 from model_soups.methods import SOUP_METHODS
 from model_soups.storage import Store
+from tasks.ingredients import MissingDeployment
 from tests.conftest import small_digits
 
 pytestmark = pytest.mark.slow
@@ -153,10 +154,14 @@ def test_artifacts_are_published_with_stable_keys(first_run):
         assert "a browser does not open file:// links" in artifacts[key].description
 
 
-def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root):
+def test_second_run_reuses_every_ingredient_evaluation_and_soup(first_run, root, caplog):
     config, paths = first_run
     before = {folder: stored_mtimes(root, folder) for folder in ("pretrained", "ingredients", "evals", "soups")}
-    again = model_soup(config=config)
+    with caplog.at_level("INFO"):
+        again = model_soup(config=config)
+    # cooking on the orchestrator: this run verified and read the pretrained start, 4 ingredients and the final soup
+    reads = re.search(r"this flow run read (\d+) checkpoint\(s\) from storage \((\d+) distinct\)", caplog.text)
+    assert reads and int(reads[1]) >= int(reads[2]) >= 6, caplog.text[-2000:]
     assert again["run"] != paths["run"]
     assert {folder: stored_mtimes(root, folder) for folder in before} == before
     first, second = (json.loads((local(p["run"]) / "manifest.json").read_text()) for p in (paths, again))
@@ -323,6 +328,15 @@ def test_too_few_surviving_ingredients_fails_the_run(first_run, tmp_path):
     data["execution"]["min_ingredients"] = 5
     with pytest.raises(TooFewIngredients, match="only 4 ingredients survived, execution.min_ingredients is 5"):
         model_soup(config=parse_config(data))
+
+
+def test_a_missing_deployment_is_named_before_any_fine_tune(prefect_server, tmp_path):
+    data = small_digits(f"file://{tmp_path}", experiment="undeployed", n=2)
+    data["execution"] = {"fanout": "work-pool", "cook_on": "device-pool"}
+    with pytest.raises(MissingDeployment, match=r"no deployment execution.finetune_deployment 'finetune/gpu' and "
+                                                r"execution.cook_deployment 'cook/gpu' on the Prefect server .*prefect deploy --all"):
+        model_soup(config=parse_config(data))
+    assert not (tmp_path / "undeployed" / "ingredients").exists()
 
 
 def test_a_sweep_that_plans_fewer_ingredients_than_the_run_needs_is_refused_before_training(first_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -109,6 +110,12 @@ def worker_of(pid: int, workers: dict[int, str]) -> int | None:
     return None
 
 
+def logs_of(stack, flow_run_id: str) -> str:
+    """The last lines of a flow run's log (its tasks' included), oldest first."""
+    logs = api(stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 200})
+    return "\n".join(log["message"] for log in reversed(logs))
+
+
 def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
     env = deployed["env"]
     fs = s3fs.S3FileSystem()
@@ -118,7 +125,8 @@ def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
     config = {"experiment": "e2e", "storage": {"root": "s3://soup-bucket/soups"},
               "recipe": {"name": "digits", "options": {"pretrain_examples": 2000, "pretrain_epochs": 2, "width": 16}},
               "sweep": {"n": 4, "seed": 1, "params": {"epochs": [30]}}, "soup": {"learned": {"steps": 5}},
-              "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2, "evaluate_on": "finetune-worker"}}
+              "execution": {"fanout": "work-pool", "lease_s": 5, "poll_s": 1, "retries": 2, "evaluate_on": "finetune-worker",
+                            "cook_on": "device-pool"}}
     run = subprocess.Popen(["prefect", "deployment", "run", "model-soup/on-demand", "--params", json.dumps({"config": config}),
                             "--watch", "--watch-timeout", "500"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -163,11 +171,46 @@ def test_pipeline_survives_a_worker_killed_mid_finetune(deployed):
                                                       "flow_runs": {"id": {"any_": finetune_run_ids}}})
     assert len({t["name"] for t in evaluations}) == 4 * 5  # 4 ingredients x (val, test, 3 shifts)
 
+    # the soups were cooked, the start evaluated and the run folder published by one run of cook/gpu on a GPU-pool
+    # worker, each checkpoint read once through its pantry; the orchestrating run waited and read no checkpoint
+    (soup_run,) = api(deployed, "/flow_runs/filter", {"flows": {"name": {"any_": ["model-soup"]}},
+                                                      "flow_runs": {"name": {"like_": "e2e-"}}})
+    run_id = soup_run["name"].removeprefix("e2e-")
+    (cook_run,) = api(deployed, "/flow_runs/filter", {"flows": {"name": {"any_": ["cook"]}}})
+    assert (cook_run["name"], cook_run["state_type"], cook_run["work_pool_name"]) == (f"cook-{run_id}", "COMPLETED", "gpu")
+    tasks = api(deployed, "/task_runs/filter", {"task_runs": {"name": {"like_": "cook-"}}})
+    cooks = [t for t in tasks if t["name"].endswith("-soup")]
+    assert {t["name"] for t in cooks} == {f"cook-{m}-soup" for m in SOUP_METHODS}
+    assert {t["flow_run_id"] for t in cooks} == {cook_run["id"]}
+    assert [t["flow_run_id"] for t in tasks if not t["name"].endswith("-soup")] == [soup_run["id"]]  # cook-on-pool
+    assert "cooking read its checkpoints through the pantry: 5 of 5 checkpoints held in memory" in logs_of(deployed, cook_run["id"])
+    assert f"published s3://soup-bucket/soups/e2e/runs/{run_id}" in logs_of(deployed, cook_run["id"])
+    started = api(deployed, "/task_runs/filter", {"task_runs": {"name": {"like_": "evaluate-pretrained-"}}})
+    assert len(started) == 5 and {t["flow_run_id"] for t in started} == {cook_run["id"]}
+    orchestrator = logs_of(deployed, soup_run["id"])
+    assert re.search(r"cooked the soups on gpu-[01] \((cpu|cuda)\)", orchestrator)
+    assert "this flow run read 0 checkpoint(s) from storage (0 distinct)" in orchestrator
+
     # both workers took work, everything is in the bucket, and the artifacts exist
     for i in range(2):
         assert "submitting flow run" in (deployed["dir"] / "logs" / f"worker-gpu-{i}.log").read_text()
     (run_folder,) = fs.ls("soup-bucket/soups/e2e/runs")
     listed = {p.rsplit("/", 1)[-1] for p in fs.ls(run_folder)}
     assert {"soup.safetensors", "manifest.json", "results.csv", "results.parquet", "report.md", "report.html"} <= listed
-    keys = {a["key"] for a in api(deployed, "/artifacts/filter", {"artifacts": {"key": {"like_": "e2e-"}}})}
-    assert {"e2e-results", "e2e-report", "e2e-soup", "e2e-report-html", "e2e-finetune-progress"} <= keys
+    artifacts = {a["key"]: a["flow_run_id"] for a in api(deployed, "/artifacts/filter", {"artifacts": {"key": {"like_": "e2e-"}}})}
+    assert {"e2e-results", "e2e-report", "e2e-soup", "e2e-report-html", "e2e-finetune-progress"} <= set(artifacts)
+    assert artifacts["e2e-report"] == soup_run["id"]  # the model-soup run shows the report the cook run published
+
+    # run again, it resumes from the bucket: the pool verifies and reuses every ingredient and soup, and the
+    # orchestrator reads one checkpoint, the pretrained start it reuses
+    again = prefect(deployed, "deployment", "run", "model-soup/on-demand", "--params", json.dumps({"config": config}),
+                    "--watch", "--watch-timeout", "300", timeout=320)
+    watched = again.stdout + again.stderr
+    assert again.returncode == 0 and "Flow run finished successfully in 'Completed'" in watched, watched[-3000:]
+    (second,) = [r for r in api(deployed, "/flow_runs/filter", {"flows": {"name": {"any_": ["model-soup"]}},
+                                                               "flow_runs": {"name": {"like_": "e2e-"}}})
+                 if r["id"] != soup_run["id"]]
+    resumed = logs_of(deployed, second["id"])
+    assert "4 ingredients ready (4 reused, 0 supplied, 0 trained), 0 left out" in resumed
+    assert f"{len(SOUP_METHODS)} soups ({len(SOUP_METHODS)} reused)" in resumed
+    assert "this flow run read 1 checkpoint(s) from storage (1 distinct)" in resumed

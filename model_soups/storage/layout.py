@@ -45,6 +45,10 @@ class Layout:
     def soup_logits(self, key: str, split: str) -> str:
         return self.store.url(self.experiment, "soups", key, split_file(split, "npz"))
 
+    def cooked(self, run_id: str) -> str:
+        """What a run's cooking on the device pool made (`Cooked`), for the run that waits on it."""
+        return self.store.url(self.experiment, "cooked", f"{run_id}.json")
+
     def sweep_round(self, sweep: str, index: int) -> str:
         """A soup-aware sweep's round: its proposals, then what each added to the greedy soup."""
         return self.store.url(self.experiment, "sweeps", sweep, f"round-{index:03d}.json")

@@ -3,6 +3,7 @@ retries."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import zipfile
@@ -46,6 +48,8 @@ class Store:
         self.endpoint = options.get("endpoint_url")
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
         self.backend.opened(self.fs)
+        self.checkpoints_read: collections.Counter[str] = collections.Counter()  # opens of each checkpoint, by URL
+        self._counting = threading.Lock()
         if self.backend.local:
             self.root = f"{self.backend.protocol}://{self.base}"
 
@@ -279,6 +283,8 @@ class Store:
 
     def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> CheckpointReader:
         """`sequential`: the whole file will be read front to back, so read ahead in large blocks."""
+        with self._counting:
+            self.checkpoints_read[url] += 1
         return CheckpointReader(self, url, sha256, sequential)
 
     def load_checkpoint(self, url: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
