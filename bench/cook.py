@@ -95,7 +95,7 @@ def flow_run(config: dict, code: Path, api_url: str, log: Path) -> dict:
     return {"wall_s": time.time() - started, "flow_s": (run.end_time - run.start_time).total_seconds(),
             "finetune_stage_s": (last - min(t.start_time for t in finetunes)).total_seconds(),
             "after_last_finetune_s": (run.end_time - last).total_seconds(),
-            "evaluating_after_s": after("evaluate-"), "cooking_after_s": after("cook-"), "publishing_s": after("publish"),
+            "evaluating_after_s": after("evaluate-"), "cooking_after_s": after("cook-"), "publishing_s": after(("publish", "show-run")),
             "root": config["storage"]["root"], "log": str(log)}
 
 
