@@ -119,9 +119,10 @@ def finetune_on_pool(ctx: RunContext, pretrained: PretrainedRecord, spec: Ingred
             else ingredients.stored_ingredient(store, layout, spec.id))
     if meta is None:
         raise RuntimeError(f"flow run {run.name} completed but ingredient {spec.id} has no verified result in storage")
-    if before is not None and meta == before:
+    reused = before is not None and meta == before
+    if reused:
         log(f"ingredient {spec.id}: reused by flow run {run.name}, which verified it ({meta.status})")
-    return meta.model_copy(update={"reused": before is not None and meta == before})
+    return meta.model_copy(update={"reused": reused})
 
 
 def fan_out(ctx: RunContext, pretrained: PretrainedRecord, specs: list[IngredientSpec], in_flight: int,
