@@ -133,7 +133,7 @@ def main() -> None:
         started = time.time()
         results[where] = weighted_average(store, ingredients, device=where)
         seconds = time.time() - started
-        rows.append((f"streamed uniform merge, sums on {where}", f"{merge_n} x {merge_mb} MB", f"{seconds:.2f} s",
+        rows.append((f"uniform merge, sums on {where}", f"{merge_n} x {merge_mb} MB", f"{seconds:.2f} s",
                      f"{gigabytes / seconds:.2f} GB/s ({floor / seconds:.2f} of raw read)"))
     if "cuda" in results:
         diff = max(float((results["cpu"][k] - results["cuda"][k]).abs().max()) for k in base)

@@ -1,4 +1,4 @@
-"""Streaming weighted averages of checkpoints, one tensor at a time, so memory does not grow with N.
+"""Weighted averages of checkpoints, a tensor or a block at a time, so memory does not grow with N.
 
 Rules (DESIGN.md): every checkpoint has the pretrained keys, shapes and dtypes; floating tensors are
 accumulated in float32 or float64 and written back in their own dtype; integer and boolean buffers come
@@ -7,6 +7,7 @@ from the first ingredient; a NaN or Inf rejects the checkpoint.
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import ContextManager, Mapping, Protocol, Sequence
@@ -14,7 +15,7 @@ from typing import ContextManager, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from model_soups.storage import TensorInfo
+from model_soups.storage import MappedCheckpoint, TensorInfo
 
 
 class CheckpointMismatch(ValueError):
@@ -35,18 +36,23 @@ class Ingredient:
 
 
 class Reader(Protocol):
-    """One open checkpoint: its header (`info`), then tensors by name (a `CheckpointReader`, or a `pantry.Held`)."""
+    """One open checkpoint: its header (`info`), then tensors by name. A `CheckpointReader` streams one front to
+    back; a `MappedCheckpoint` (a local file) and a `pantry.Held` (in memory) are read anywhere, in place (`view`)."""
 
     url: str
     info: Mapping[str, TensorInfo]
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor: ...
 
+    def view(self, name: str) -> torch.Tensor: ...  # readers that do not stream: in place, never changed
+
 
 class Checkpoints(Protocol):
     """Where soups open checkpoints: a `Store`, or a cooking run's `Pantry` (each checkpoint read and checked once)."""
 
     def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> ContextManager[Reader]: ...
+
+    def streamed(self, url: str) -> bool: ...  # whether its reader streams front to back (an object store)
 
 
 def check_compatible(reference: Mapping[str, TensorInfo], candidate: Mapping[str, TensorInfo], url: str,
@@ -100,13 +106,36 @@ def weighted_sum(store: Checkpoints, ingredients: Sequence[Ingredient], weights:
     """sum_i w_i * theta_i for every floating tensor, in the accumulation dtype, added onto the running sum `onto`
     (left unchanged) when given. Integer and boolean buffers come from `onto`, else from the first ingredient.
 
-    The one streamed weighted sum every soup uses. It reads one checkpoint at a time front to back: an object
-    store serves few large sequential reads far better than one ranged request per tensor per checkpoint, and
-    memory is the running sum (one model in the accumulation dtype) and one tensor, whatever N is.
+    The one weighted sum every soup uses; memory is the sum (one model in the accumulation dtype), whatever N is.
+    Checkpoints in memory or in local files are summed side by side, a block at a time (`side_by_side`). Streamed
+    ones (an object store) are read one after the other, front to back (`one_after_another`): an object store
+    serves few large sequential reads far better than one ranged request per tensor per checkpoint. Both add the
+    same terms in the same order: the sums are the same, bit for bit.
     """
     weights = [1.0] * len(ingredients) if weights is None else weights
-    with ExitStack() as stack:  # every header is checked before any tensor is read (no sha256 yet: no extra read)
-        header = open_all(store, [Ingredient(i.id, i.url) for i in ingredients], stack, reference)[0].info
+    if any(store.streamed(ingredient.url) for ingredient in ingredients):
+        with ExitStack() as stack:  # every header is checked before any tensor is read (no sha256 yet: no extra read)
+            header = open_all(store, [Ingredient(i.id, i.url) for i in ingredients], stack, reference)[0].info
+        total, non_finite = one_after_another(store, ingredients, header, weights, accumulate, onto, device)
+    else:
+        with ExitStack() as stack:  # every header is checked before any tensor is read; each sha256 as its reader closes
+            readers = open_all(store, ingredients, stack, reference)
+            total, non_finite = side_by_side(readers, readers[0].info, weights, accumulate, onto, device)
+    if non_finite:  # NaN and Inf survive a sum: one check of the sums covers every ingredient
+        name_non_finite(store, ingredients, non_finite[0])
+    return total
+
+
+def term_of(tensor: torch.Tensor, weight: float, accumulate: torch.dtype, device: str) -> torch.Tensor:
+    """w_i * theta_i in the accumulation dtype: the tensor itself when that changes nothing (never summed in place)."""
+    term = tensor.to(device).to(accumulate)
+    return term if weight == 1.0 else term * weight
+
+
+def one_after_another(store: Checkpoints, ingredients: Sequence[Ingredient], header: Mapping[str, TensorInfo],
+                      weights: Weights, accumulate: torch.dtype, onto: Mapping[str, torch.Tensor] | None,
+                      device: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The sums, reading one checkpoint at a time front to back; and the names of those that came out NaN or Inf."""
     total = dict(onto or {})
     owned: set[str] = set()  # sums this call allocated, so they may be added to in place
     for i, ingredient in enumerate(ingredients):
@@ -116,17 +145,73 @@ def weighted_sum(store: Checkpoints, ingredients: Sequence[Ingredient], weights:
                 if not info.dtype.is_floating_point:
                     total.setdefault(name, tensor)
                     continue
-                weight = weight_of(weights, name)[i]
-                term = tensor.to(device).to(accumulate) if weight == 1.0 else tensor.to(device).to(accumulate) * weight
+                term = term_of(tensor, weight_of(weights, name)[i], accumulate, device)
                 if name in owned:
                     total[name].add_(term)
                 else:  # a held tensor (`Pantry`) comes back as the term itself: summed into a copy, never in place
                     total[name] = (term.clone() if term is tensor else term) if name not in total else total[name] + term
                     owned.add(name)
-    for name in owned:  # NaN and Inf survive a sum: one check covers every ingredient
-        if not torch.isfinite(total[name]).all():
-            name_non_finite(store, ingredients, name)
-    return total
+    return total, [name for name in owned if not torch.isfinite(total[name]).all()]
+
+
+BLOCK = 1 << 18  # elements summed side by side at a time: a block stays in cache while every ingredient is added
+
+
+def side_by_side(readers: Sequence[Reader], header: Mapping[str, TensorInfo], weights: Weights,
+                 accumulate: torch.dtype, onto: Mapping[str, torch.Tensor] | None,
+                 device: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The sums, a block of elements at a time across every checkpoint, where they lie (the page cache of a mapped
+    file, or memory): each input byte is read once and each sum written once, with no copy in between, and looked
+    at for NaN and Inf while it is in cache. Tensors that lie back to back in every mapped file are summed as one block
+    of memory, so that small tensors cost no more than large ones. Also returns the names of the sums that came out
+    NaN or Inf."""
+    total = dict(onto or {})
+    non_finite: list[str] = []
+    for names in runs(readers, header, weights, onto is None):
+        first, last = names[0], names[-1]
+        if not header[first].dtype.is_floating_point:
+            total.setdefault(first, readers[0].tensor(first))
+            continue
+        sources = [r.view(first).reshape(-1) if first == last else r.span(first, last) for r in readers]
+        start = onto[first].reshape(-1) if onto is not None and first in onto else None
+        factors = weight_of(weights, first)
+        out = torch.empty(sources[0].numel(), dtype=accumulate, device=device)
+        sums = []  # of each block: NaN or Inf in any element makes it NaN or Inf (as may an overflow, checked exactly)
+        for begin in range(0, out.numel(), BLOCK):
+            block, end = out[begin:begin + BLOCK], begin + BLOCK
+            for i, source in enumerate(sources):
+                term = term_of(source[begin:end], factors[i], accumulate, device)
+                if i > 0:
+                    block.add_(term)
+                elif start is not None:
+                    torch.add(start[begin:end], term, out=block)
+                else:
+                    block.copy_(term)
+            sums.append(block.sum())
+        offset = 0
+        for name in names:
+            numel = math.prod(header[name].shape)
+            total[name] = out[offset:offset + numel].view(header[name].shape)
+            offset += numel
+        if sums and not torch.isfinite(torch.stack(sums)).all():
+            non_finite += [name for name in names if not torch.isfinite(total[name]).all()]
+    return total, non_finite
+
+
+def runs(readers: Sequence[Reader], header: Mapping[str, TensorInfo], weights: Weights, spans: bool) -> list[list[str]]:
+    """The names in file order, grouped into what `side_by_side` sums as one block: floating tensors of one dtype and
+    one weight each that lie back to back in every reader, when all are mapped files (`spans`); else one name each."""
+    spans = spans and all(isinstance(reader, MappedCheckpoint) for reader in readers)
+    groups: list[list[str]] = []
+    for name, info in header.items():
+        previous = groups[-1][-1] if groups else None
+        if (spans and previous is not None and info.dtype.is_floating_point and info.dtype == header[previous].dtype
+                and list(weight_of(weights, name)) == list(weight_of(weights, previous))
+                and all(reader.info[previous].end == reader.info[name].begin for reader in readers)):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 def mean_of(value: torch.Tensor, divisor: float, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:

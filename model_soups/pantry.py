@@ -23,11 +23,11 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from model_soups.merge import Ingredient
-from model_soups.storage import CheckpointReader, CorruptCheckpoint, Store, TensorInfo
+from model_soups.storage import CheckpointReader, CorruptCheckpoint, MappedCheckpoint, Store, TensorInfo
 
 
 class Held:
-    """A checkpoint in memory, read like a `CheckpointReader`: its header, then tensors by name."""
+    """A checkpoint in memory, read like a `MappedCheckpoint`: its header, then tensors by name."""
 
     def __init__(self, url: str, info: Mapping[str, TensorInfo], tensors: dict[str, torch.Tensor]):
         self.url, self.info, self._tensors = url, info, tensors
@@ -37,6 +37,8 @@ class Held:
             return self._tensors[name]
         except KeyError:
             raise CorruptCheckpoint(f"checkpoint {self.url}: has no tensor {name!r}") from None
+
+    view = tensor  # in memory already: the held tensor itself
 
     def __enter__(self) -> Held:
         return self
@@ -66,7 +68,7 @@ class Pantry:
 
     @contextmanager
     def open_checkpoint(self, url: str, sha256: str | None = None,
-                        sequential: bool = False) -> Iterator[Held | CheckpointReader]:
+                        sequential: bool = False) -> Iterator[Held | CheckpointReader | MappedCheckpoint]:
         """A reader of `url`: from memory when held, else from storage (checked the first time). A URL that is no
         checkpoint of this run is read from storage, as `Store.open_checkpoint` reads it."""
         if url not in self.sha256:
@@ -85,6 +87,10 @@ class Pantry:
         with store.open_checkpoint(where, None if url in self._checked else self.sha256[url], sequential) as reader:
             yield reader
         self._checked.add(url)  # reached only when the reader closed cleanly, its sha256 checked
+
+    def streamed(self, url: str) -> bool:
+        """A checkpoint of this run is held or read from local disk; any other is read as the store reads it."""
+        return url not in self.sha256 and self.store.streamed(url)
 
     def _hold(self, url: str) -> Held | None:
         """The checkpoint in memory, read from storage and checked now if it fits; None when it does not."""

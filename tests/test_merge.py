@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import ExitStack
+
 import pytest
 import torch
 
+from model_soups import merge
 from model_soups.config import StorageConfig
 from model_soups.merge import CheckpointMismatch, Ingredient, NonFiniteCheckpoint, weighted_average
 from model_soups.recipes.digits import DigitsNet
-from model_soups.storage import CorruptCheckpoint, Store
+from model_soups.storage import CorruptCheckpoint, MappedCheckpoint, Store
 
 
 @pytest.fixture
@@ -84,6 +88,70 @@ def test_streamed_merge_equals_in_memory_merge(any_store):
                  else loaded[0][k] for k in loaded[0]}
     for name in in_memory:
         assert torch.allclose(streamed[name].float(), in_memory[name].float(), atol=1e-6), name
+
+
+def save_reordered(store: Store, url: str, state: dict[str, torch.Tensor]) -> str:
+    """A valid safetensors file with its tensors in reverse name order, as another writer might lay them out."""
+    import json
+    import struct
+
+    header, data = {}, b""
+    for name in sorted(state, reverse=True):
+        raw = state[name].reshape(-1).view(torch.uint8).numpy().tobytes()
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[state[name].dtype]
+        header[name] = {"dtype": dtype, "shape": list(state[name].shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(encoded)) + encoded + data
+    store.write_bytes(url, blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_files_summed_side_by_side_equal_the_streamed_sums_bit_for_bit(tmp_path, monkeypatch, dtype):
+    """Local checkpoints are mapped and summed a block at a time across all of them; an object store's are read one
+    after the other. Every weighting, accumulation and running sum gives the same bits either way, with blocks
+    that end inside tensors and a file laid out in another order."""
+    monkeypatch.setattr(merge, "BLOCK", 7)
+    local = Store(StorageConfig(root=f"file://{tmp_path}"))
+    memory = Store(StorageConfig(root=f"memory://side-by-side-{tmp_path.name}-{dtype}"))
+    states = perturbed_states(4, dtype)
+    ingredients = {}
+    for store in (local, memory):
+        ingredients[store] = save_all(store, states[:3])
+        url = store.url("reordered.safetensors")
+        ingredients[store].append(Ingredient("reordered", url, save_reordered(store, url, states[3])))
+    with local.open_checkpoint(ingredients[local][0].url) as reader:
+        assert isinstance(reader, MappedCheckpoint)
+    with ExitStack() as stack:  # back to back in the first three files, the fourth breaks every run
+        readers = merge.open_all(local, ingredients[local], stack)
+        assert len(merge.runs(readers[:3], readers[0].info, [1.0] * 3, True)) < len(readers[0].info)
+        assert len(merge.runs(readers, readers[0].info, [1.0] * 4, True)) == len(readers[0].info)
+    per_tensor = {name: [0.5, 1.0, 2.0 if "weight" in name else 1.0, 0.25] for name in states[0]}
+    cases = [(None, torch.float32), ([0.5, 1.0, 2.0, 0.25], torch.float32), (per_tensor, torch.float32), (None, torch.float64)]
+    for weights, accumulate in cases:
+        for n in (3, 4):  # three files summed in runs of tensors, four one tensor at a time
+            first = (weights if weights is None else {k: v[:n] for k, v in weights.items()} if isinstance(weights, dict)
+                     else weights[:n])
+            sums = {store: merge.weighted_sum(store, ingredients[store][:n], first, accumulate) for store in (local, memory)}
+            onto = {store: merge.weighted_sum(store, ingredients[store][:1], None, accumulate, onto=sums[store])
+                    for store in (local, memory)}
+            for name in states[0]:
+                for result in (sums, onto):
+                    assert result[local][name].dtype == result[memory][name].dtype, (weights, name)
+                    assert torch.equal(result[local][name], result[memory][name]), (weights, accumulate, n, name)
+
+
+def test_mapped_checkpoint_refuses_an_empty_or_missing_file_and_reads_an_empty_tensor(store):
+    open(store.path(store.url("empty.safetensors")), "wb").close()
+    with pytest.raises(CorruptCheckpoint, match=r"empty\.safetensors: truncated \(0 bytes\)"):
+        store.load_checkpoint(store.url("empty.safetensors"))
+    with pytest.raises(CorruptCheckpoint, match=r"absent\.safetensors: not found"):
+        store.load_checkpoint(store.url("absent.safetensors"))
+    url = store.url("with-empty.safetensors")
+    sha = store.save_checkpoint(url, {"empty": torch.zeros(0, 3), "w": torch.ones(2)})
+    loaded = store.load_checkpoint(url, sha)
+    assert loaded["empty"].shape == (0, 3) and torch.equal(loaded["w"], torch.ones(2))
 
 
 def test_per_tensor_one_hot_weights_reproduce_an_ingredient(any_store):

@@ -73,10 +73,13 @@ def test_a_cooking_run_reads_each_checkpoint_once_and_cooks_the_soups_streamed_r
         return fs_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(ctx.store.fs, "open", counting)
+    ctx.store.checkpoints_read.clear()
     methods = list(SOUP_METHODS)
     held, reads = cook_all(ctx, pretrained, metas, val, methods)
-    checkpoints = [ctx.store.path(pretrained.url)] + [ctx.store.path(m.checkpoint) for m in metas]
-    assert {path: opened[path] for path in checkpoints} == {path: 1 for path in checkpoints}
+    checkpoints = [pretrained.url] + [m.checkpoint for m in metas]
+    # opened once each (a local file is mapped, not opened through fsspec), and never read whole again to hash it
+    assert {url: ctx.store.checkpoints_read[url] for url in checkpoints} == {url: 1 for url in checkpoints}
+    assert not opened
     assert set(reads.values()) == {1} and len(reads) == len(checkpoints)
 
     for method, record in held.items():  # a soup's val logits, taken from its scoring, are its own forward pass's
@@ -84,9 +87,9 @@ def test_a_cooking_run_reads_each_checkpoint_once_and_cooks_the_soups_streamed_r
         logits = predict(model, ctx.recipe.dataset("val"), ctx.recipe.eval_batch_size)
         assert np.array_equal(ctx.store.read_arrays(ctx.layout.soup_logits(record.key, "val"))["logits"], logits), method
 
-    opened.clear()
+    ctx.store.checkpoints_read.clear()
     streamed, reads = cook_all(ctx, pretrained, metas, val, methods, memory_mb=0)
-    assert all(opened[path] > 1 for path in checkpoints)  # nothing held: read again whenever used
+    assert all(ctx.store.checkpoints_read[url] > 1 for url in checkpoints)  # nothing held: read again whenever used
     assert {m: r.sha256 for m, r in streamed.items()} == {m: r.sha256 for m, r in held.items()}
     assert {m: r.logits_sha256 for m, r in streamed.items()} == {m: r.logits_sha256 for m, r in held.items()}
 

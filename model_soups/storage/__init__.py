@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model_soups.storage.backends import StorageConfig
-    from model_soups.storage.checkpoint import CHUNK, CheckpointReader, TensorInfo
+    from model_soups.storage.checkpoint import CHUNK, CheckpointReader, MappedCheckpoint, TensorInfo
     from model_soups.storage.errors import CorruptCheckpoint, StorageError, StorageUnavailable
     from model_soups.storage.layout import Layout, RunFolder
     from model_soups.storage.lease import Lease
     from model_soups.storage.store import Store, as_url
 
-WHERE = {"CHUNK": "checkpoint", "CheckpointReader": "checkpoint", "TensorInfo": "checkpoint",
+WHERE = {"CHUNK": "checkpoint", "CheckpointReader": "checkpoint", "MappedCheckpoint": "checkpoint", "TensorInfo": "checkpoint",
          "CorruptCheckpoint": "errors", "StorageError": "errors", "StorageUnavailable": "errors",
          "Layout": "layout", "RunFolder": "layout", "Lease": "lease", "Store": "store", "as_url": "store"}
 __all__ = [*WHERE, "open_storage"]

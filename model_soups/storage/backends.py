@@ -3,8 +3,9 @@ their URL, the one place for it. Torch-free and fsspec-free, so that parsing a c
 
 A backend is an fsspec protocol and what the pipeline must know of it:
 - `local`: its objects are files on this machine's disk, so a write is a file renamed into place (atomic), a
-  checkpoint is read in place (no copy to disk before a merge, no read-ahead cache), and a create is `open("xb")`;
-  otherwise a write is one PUT (atomic on an object store) and a merge first copies its ingredients to disk;
+  checkpoint is mapped into memory and read in place (merges sum them side by side, no copy to disk first), and a
+  create is `open("xb")`; otherwise a write is one PUT (atomic on an object store), a merge streams the
+  checkpoints one after the other, and a cooking run copies to disk those it cannot hold in memory;
 - `shared`: every process sees the same objects (the fine-tune processes and the work pool's workers write into
   it); `memory://` is seen by one process only, so only what runs in that process can use it;
 - `presigned`: a link to an object is a presigned https URL that expires, not the URL itself;

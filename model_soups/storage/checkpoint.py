@@ -3,17 +3,23 @@ streamed one tensor at a time and its sha256 checked on the way. Nothing is ever
 
 Hand-written on purpose: `safetensors.safe_open` needs a local file and cannot hash what it reads, so it
 would cost a download of every S3 checkpoint plus a second read to verify it.
+
+Two readers: `CheckpointReader` streams any fsspec URL through a file handle; `MappedCheckpoint` maps a local
+file into memory, so that a merge reads tensors where the page cache holds them, without a copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
+import os
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
-import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
@@ -55,6 +61,41 @@ class TensorInfo:
     end: int
 
 
+def header_length(url: str, prefix: bytes, size: int) -> int:
+    """The length of the JSON header, from a file's first 8 bytes."""
+    if len(prefix) < 8:
+        raise CorruptCheckpoint(f"checkpoint {url}: truncated ({size} bytes), not a safetensors file")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise CorruptCheckpoint(f"checkpoint {url}: header length {length} exceeds the file: not a safetensors file")
+    return length
+
+
+def parse_header(url: str, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Each tensor's dtype, shape and bytes in the data section, in file order, checked against its size; and the
+    metadata."""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptCheckpoint(f"checkpoint {url}: header is not valid JSON, not a safetensors file") from None
+    metadata = header.pop("__metadata__", None) or {}
+    info = {}
+    for name, entry in header.items():
+        dtype = DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CorruptCheckpoint(f"checkpoint {url}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0 or end > data_size:
+            raise CorruptCheckpoint(
+                f"checkpoint {url}: tensor {name!r} claims bytes {begin}..{end} for shape {shape}, "
+                f"which is {expected} bytes in a data section of {data_size}: truncated or malformed"
+            )
+        info[name] = TensorInfo(dtype, shape, begin, end)
+    return dict(sorted(info.items(), key=lambda item: item[1].begin)), metadata
+
+
 class CheckpointReader:
     """Reads a safetensors file one tensor at a time and checks its sha256 on the way.
 
@@ -76,38 +117,10 @@ class CheckpointReader:
             raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
         self.digest = hashlib.sha256()
         self.in_order, self.verified = True, False
-        prefix = self._read_hashed(8)
-        if len(prefix) < 8:
-            raise CorruptCheckpoint(f"checkpoint {url}: truncated ({self.size} bytes), not a safetensors file")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, self.size - 8):
-            raise CorruptCheckpoint(f"checkpoint {url}: header length {header_len} exceeds the file: not a safetensors file")
-        try:
-            header = json.loads(self._read_hashed(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CorruptCheckpoint(f"checkpoint {url}: header is not valid JSON, not a safetensors file") from None
+        header_len = header_length(url, self._read_hashed(8), self.size)
         self.data_start = 8 + header_len
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.info = self._parse_header(header)
+        self.info, self.metadata = parse_header(url, self._read_hashed(header_len), self.size - self.data_start)
         self.position = self.data_start
-
-    def _parse_header(self, header: dict[str, Any]) -> dict[str, TensorInfo]:
-        info = {}
-        data_size = self.size - self.data_start
-        for name, entry in header.items():
-            dtype = DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise CorruptCheckpoint(f"checkpoint {self.url}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or begin < 0 or end > data_size:
-                raise CorruptCheckpoint(
-                    f"checkpoint {self.url}: tensor {name!r} claims bytes {begin}..{end} for shape {shape}, "
-                    f"which is {expected} bytes in a data section of {data_size}: truncated or malformed"
-                )
-            info[name] = TensorInfo(dtype, shape, begin, end)
-        return dict(sorted(info.items(), key=lambda item: item[1].begin))
 
     def _resuming(self, read: Callable[[], T]) -> T:
         """One read from where the handle stands. If the endpoint fails mid-file, the outage is waited out like any
@@ -200,3 +213,81 @@ class CheckpointReader:
             self.close()
 
 
+class MappedCheckpoint:
+    """A local safetensors file mapped read-only into memory: tensors by name, copied out (`tensor`) or as views of
+    the page cache (`view`, `span`) that a merge reads in place and never writes to.
+
+    The store writes every file by renaming a finished one into place, so a mapped file is never truncated under
+    its reader. `verify()` hashes the mapped bytes: one pass at sha256's speed, only when there is a sum to check.
+    """
+
+    def __init__(self, path: str, url: str, sha256: str | None = None):
+        self.url, self.expected_sha, self.verified = url, sha256, sha256 is None
+        try:
+            with open(path, "rb") as handle:
+                self.size = os.fstat(handle.fileno()).st_size
+                if self.size < 8:
+                    raise CorruptCheckpoint(f"checkpoint {url}: truncated ({self.size} bytes), not a safetensors file")
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
+        length = header_length(url, self.map[:8], self.size)
+        self.data_start = 8 + length
+        self.info, self.metadata = parse_header(url, self.map[8:self.data_start], self.size - self.data_start)
+
+    def span(self, first: str, last: str) -> torch.Tensor:
+        """Tensors `first` to `last` (in file order, one dtype, no gap between them) as one flat read-only view."""
+        begin, end = self.info[first].begin, self.info[last].end
+        dtype = self.info[first].dtype
+        if begin == end:  # an empty tensor: no buffer to view
+            return torch.empty(0, dtype=dtype)
+        with warnings.catch_warnings():  # read-only on purpose: torch warns that a write would fail
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                    offset=self.data_start + begin)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a read-only view of the mapped file: no copy."""
+        if name not in self.info:
+            raise CorruptCheckpoint(f"checkpoint {self.url}: has no tensor {name!r}")
+        return self.span(name, name).reshape(self.info[name].shape)
+
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor in memory of its own (in `scratch`, uint8 and large enough, when given)."""
+        view = self.view(name)
+        if scratch is None:
+            return view.clone()
+        out = scratch[: view.numel() * view.element_size()].view(view.dtype).reshape(view.shape)
+        return out.copy_(view)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.info:
+            yield name, self.tensor(name)
+
+    def verify(self) -> None:
+        """Check the sha256 against the recorded one (once; leaving the `with` block also calls this)."""
+        if self.verified:
+            return
+        actual = hashlib.sha256(self.map).hexdigest()
+        if actual != self.expected_sha:
+            raise CorruptCheckpoint(
+                f"checkpoint {self.url}: sha256 {actual[:12]}... does not match the recorded {self.expected_sha[:12]}...; "
+                "the file was changed or partly written"
+            )
+        self.verified = True
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view still points into it: the mapping goes when the last view does
+            pass
+
+    def __enter__(self) -> "MappedCheckpoint":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.verify()
+        finally:
+            self.close()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model_soups.storage.backends import StorageConfig, backend_of
-from model_soups.storage.checkpoint import CHUNK, CheckpointReader, checkpoint_bytes
+from model_soups.storage.checkpoint import CHUNK, CheckpointReader, MappedCheckpoint, checkpoint_bytes
 from model_soups.storage.errors import TRANSIENT, StorageError, StorageUnavailable
 
 logger = logging.getLogger(__name__)
@@ -281,11 +281,19 @@ class Store:
         self.write_bytes(url, data)
         return hashlib.sha256(data).hexdigest()
 
-    def open_checkpoint(self, url: str, sha256: str | None = None, sequential: bool = False) -> CheckpointReader:
-        """`sequential`: the whole file will be read front to back, so read ahead in large blocks."""
+    def open_checkpoint(self, url: str, sha256: str | None = None,
+                        sequential: bool = False) -> CheckpointReader | MappedCheckpoint:
+        """A local file is mapped into memory; any other URL is streamed (`sequential`: the whole file will be read
+        front to back, so read ahead in large blocks)."""
         with self._counting:
             self.checkpoints_read[url] += 1
+        if self.backend.local:
+            return MappedCheckpoint(self.path(url), url, sha256)
         return CheckpointReader(self, url, sha256, sequential)
+
+    def streamed(self, url: str) -> bool:
+        """Whether `open_checkpoint(url)` streams the checkpoint front to back (an object store); else it is mapped."""
+        return not self.backend.local
 
     def load_checkpoint(self, url: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
         with self.open_checkpoint(url, sha256, sequential=True) as reader:
