@@ -136,7 +136,6 @@ else:  # before: methods read theirs from the soup options in the context
         SoupOptions.model_fields else SoupOptions(learned_steps=steps)  # before that: common options learned_steps
     ctx = SoupContext(*common, options=options, **rest)
     cook = lambda: learned_soup(ctx)
-torch.ones(1 << 17).add_(1)  # the thread pool starts: a process's start, not the merge
 print("ready", flush=True); sys.stdin.readline()
 started = time.time()
 if mode == "step":  # the floor: one forward and backward pass of the model on one val batch, nothing else

@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
@@ -96,7 +97,54 @@ def parse_header(url: str, raw: bytes, data_size: int) -> tuple[dict[str, Tensor
     return dict(sorted(info.items(), key=lambda item: item[1].begin)), metadata
 
 
-class CheckpointReader:
+class OpenCheckpoint(ABC):
+    """What both readers share: tensors by name in file order, the sha256 check, and the `with` block that runs it."""
+
+    url: str
+    expected_sha: str | None
+    verified: bool
+    info: dict[str, TensorInfo]
+
+    @abstractmethod
+    def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor by name."""
+
+    @abstractmethod
+    def digest(self) -> str:
+        """The sha256 of the whole file."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the file."""
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.info:
+            yield name, self.tensor(name)
+
+    def verify(self) -> None:
+        """Check the sha256 against the recorded one (once; leaving the `with` block also calls this)."""
+        if self.expected_sha is None or self.verified:
+            return
+        actual = self.digest()
+        if actual != self.expected_sha:
+            raise CorruptCheckpoint(
+                f"checkpoint {self.url}: sha256 {actual[:12]}... does not match the recorded {self.expected_sha[:12]}...; "
+                "the file was changed or partly written"
+            )
+        self.verified = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.verify()
+        finally:
+            self.close()
+
+
+class CheckpointReader(OpenCheckpoint):
     """Reads a safetensors file one tensor at a time and checks its sha256 on the way.
 
     Tensors read in file order are hashed as they stream past, so verification costs no extra read;
@@ -115,7 +163,7 @@ class CheckpointReader:
             self.handle = store.retrying("opening", url, self._open)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {url}: not found") from None
-        self.digest = hashlib.sha256()
+        self.hashed = hashlib.sha256()  # what was read in order so far
         self.in_order, self.verified = True, False
         header_len = header_length(url, self._read_hashed(8), self.size)
         self.data_start = 8 + header_len
@@ -142,7 +190,7 @@ class CheckpointReader:
     def _read_hashed(self, n: int) -> bytes:
         data = self._resuming(lambda: self.handle.read(n))
         if self.expected_sha is not None:  # hashing costs ~1.7 GB/s per core: only when there is a sum to check
-            self.digest.update(data)
+            self.hashed.update(data)
         return data
 
     def tensor(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,56 +221,33 @@ class CheckpointReader:
             filled += n
         if self.in_order:
             if self.expected_sha is not None:
-                self.digest.update(view)
+                self.hashed.update(view)
             self.position = end
         return raw.view(info.dtype).reshape(info.shape)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.info:
-            yield name, self.tensor(name)
-
-    def verify(self) -> None:
-        """Check the sha256 against the recorded one (once; leaving the `with` block also calls this)."""
-        if self.expected_sha is None or self.verified:
-            return
-        if self.in_order:
-            self.handle.seek(self.position)
-            while self._read_hashed(CHUNK):
-                pass
-            actual = self.digest.hexdigest()
-        else:
-            actual = self.store.sha256(self.url)
-        if actual != self.expected_sha:
-            raise CorruptCheckpoint(
-                f"checkpoint {self.url}: sha256 {actual[:12]}... does not match the recorded {self.expected_sha[:12]}...; "
-                "the file was changed or partly written"
-            )
-        self.verified = True
+    def digest(self) -> str:
+        """Read in order, the rest of the file is hashed on; read out of order, the whole file is hashed again."""
+        if not self.in_order:
+            return self.store.sha256(self.url)
+        self.handle.seek(self.position)
+        while self._read_hashed(CHUNK):
+            pass
+        return self.hashed.hexdigest()
 
     def close(self) -> None:
         self.handle.close()
 
-    def __enter__(self) -> "CheckpointReader":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.verify()
-        finally:
-            self.close()
-
-
-class MappedCheckpoint:
+class MappedCheckpoint(OpenCheckpoint):
     """A local safetensors file mapped read-only into memory: tensors by name, copied out (`tensor`) or as views of
     the page cache (`view`, `span`) that a merge reads in place and never writes to.
 
     The store writes every file by renaming a finished one into place, so a mapped file is never truncated under
-    its reader. `verify()` hashes the mapped bytes: one pass at sha256's speed, only when there is a sum to check.
+    its reader. `verify()` hashes the mapped bytes, one pass at sha256's speed, when a sha256 is given to check.
     """
 
     def __init__(self, path: str, url: str, sha256: str | None = None):
-        self.url, self.expected_sha, self.verified = url, sha256, sha256 is None
+        self.url, self.expected_sha, self.verified = url, sha256, False
         try:
             with open(path, "rb") as handle:
                 self.size = os.fstat(handle.fileno()).st_size
@@ -260,34 +285,11 @@ class MappedCheckpoint:
         out = scratch[: view.numel() * view.element_size()].view(view.dtype).reshape(view.shape)
         return out.copy_(view)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.info:
-            yield name, self.tensor(name)
-
-    def verify(self) -> None:
-        """Check the sha256 against the recorded one (once; leaving the `with` block also calls this)."""
-        if self.verified:
-            return
-        actual = hashlib.sha256(self.map).hexdigest()
-        if actual != self.expected_sha:
-            raise CorruptCheckpoint(
-                f"checkpoint {self.url}: sha256 {actual[:12]}... does not match the recorded {self.expected_sha[:12]}...; "
-                "the file was changed or partly written"
-            )
-        self.verified = True
+    def digest(self) -> str:
+        return hashlib.sha256(self.map).hexdigest()
 
     def close(self) -> None:
         try:
             self.map.close()
         except BufferError:  # a view still points into it: the mapping goes when the last view does
             pass
-
-    def __enter__(self) -> "MappedCheckpoint":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.verify()
-        finally:
-            self.close()
