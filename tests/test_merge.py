@@ -127,8 +127,8 @@ def test_local_files_summed_side_by_side_equal_the_streamed_sums_bit_for_bit(tmp
         readers = merge.open_all(local, ingredients[local], stack)
         assert len(merge.runs(readers[:3], readers[0].info, [1.0] * 3, True)) < len(readers[0].info)
         assert len(merge.runs(readers, readers[0].info, [1.0] * 4, True)) == len(readers[0].info)
-    per_tensor = {name: [0.5, 1.0, 2.0 if "weight" in name else 1.0, 0.25] for name in states[0]}
-    cases = [(None, torch.float32), ([0.5, 1.0, 2.0, 0.25], torch.float32), (per_tensor, torch.float32), (None, torch.float64)]
+    per_tensor = {name: [0.3, 1.0, 1.7 if "weight" in name else 1.0, 0.45] for name in states[0]}
+    cases = [(None, torch.float32), ([0.3, 1.0, 1.7, 0.45], torch.float32), (per_tensor, torch.float32), (None, torch.float64)]
     for weights, accumulate in cases:
         for n in (3, 4):  # three files summed in runs of tensors, four one tensor at a time
             first = (weights if weights is None else {k: v[:n] for k, v in weights.items()} if isinstance(weights, dict)
@@ -136,10 +136,13 @@ def test_local_files_summed_side_by_side_equal_the_streamed_sums_bit_for_bit(tmp
             sums = {store: merge.weighted_sum(store, ingredients[store][:n], first, accumulate) for store in (local, memory)}
             onto = {store: merge.weighted_sum(store, ingredients[store][:1], None, accumulate, onto=sums[store])
                     for store in (local, memory)}
+            # the means, divided a block at a time into the checkpoint's dtype, against whole sums divided (`mean_of`)
+            means = {store: weighted_average(store, ingredients[store][:n], first, accumulate) for store in (local, memory)}
             for name in states[0]:
-                for result in (sums, onto):
+                for result in (sums, onto, means):
                     assert result[local][name].dtype == result[memory][name].dtype, (weights, name)
                     assert torch.equal(result[local][name], result[memory][name]), (weights, accumulate, n, name)
+            assert list(means[local]) == list(means[memory]) and means[local]["head.weight"].dtype == dtype
 
 
 def test_mapped_checkpoint_refuses_an_empty_or_missing_file_and_reads_an_empty_tensor(store):
@@ -227,6 +230,19 @@ def test_header_that_lies_about_sizes_is_refused(store):
     store.write_bytes(store.url("liar.safetensors"), struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(CorruptCheckpoint, match="claims bytes 0..4000"):
         store.load_checkpoint(store.url("liar.safetensors"))
+
+
+def test_checkpoints_of_one_model_share_one_header(store):
+    """N fine-tunes open at once hold one copy of their header, not N; a file laid out otherwise keeps its own."""
+    states = perturbed_states(3)
+    ingredients = save_all(store, states)
+    url = store.url("reordered.safetensors")
+    ingredients.append(Ingredient("reordered", url, save_reordered(store, url, states[0])))
+    with ExitStack() as stack:
+        readers = merge.open_all(store, ingredients, stack)
+        assert all(reader.info is readers[0].info for reader in readers[:3])
+        assert readers[3].info != readers[0].info
+        assert torch.equal(readers[3].tensor("head.weight"), states[0]["head.weight"])
 
 
 def test_pickle_file_is_not_a_checkpoint(store):

@@ -18,8 +18,7 @@ import os
 import struct
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, TypeVar
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -54,8 +53,7 @@ class Source(Protocol):
     def sha256(self, url: str) -> str: ...
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):  # a tuple: one is built per tensor per checkpoint opened, and cheaply
     dtype: torch.dtype
     shape: tuple[int, ...]
     begin: int
@@ -85,8 +83,8 @@ def parse_header(url: str, raw: bytes, data_size: int) -> tuple[dict[str, Tensor
         dtype = DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise CorruptCheckpoint(f"checkpoint {url}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
+        shape = tuple(map(int, entry["shape"]))
+        begin, end = map(int, entry["data_offsets"])
         expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected or begin < 0 or end > data_size:
             raise CorruptCheckpoint(
