@@ -197,9 +197,9 @@ def side_by_side(readers: Sequence[Reader], header: Mapping[str, TensorInfo], we
         factors = weight_of(weights, first)
         numel = sources[0].numel()
         if average:  # the mean of each block, divided while in cache, as `mean_of` divides a whole sum
-            out = torch.empty(numel, dtype=header[first].dtype)
-            direct = out.dtype == accumulate and device == "cpu"
-            scratch = out if direct else torch.empty(min(BLOCK, numel), dtype=accumulate, device=device)
+            out, divisor = torch.empty(numel, dtype=header[first].dtype), float(sum(factors))
+            scratch = (out if out.dtype == accumulate and device == "cpu"
+                       else torch.empty(min(BLOCK, numel), dtype=accumulate, device=device))
         else:
             out = scratch = torch.empty(numel, dtype=accumulate, device=device)
         # the terms that are not the mapped bytes themselves are made in one buffer: nothing is allocated per block
@@ -219,7 +219,7 @@ def side_by_side(readers: Sequence[Reader], header: Mapping[str, TensorInfo], we
                 else:
                     block.copy_(term)
             if average:
-                block.div_(float(sum(factors)))
+                block.div_(divisor)
                 if scratch is not out:
                     out[begin:end].copy_(block)
             sums.append(out[begin:end].sum())
