@@ -8,7 +8,8 @@ and is above the best fine-tune on mean OOD. A capability this CPU lacks is repo
 die of an illegal instruction).
 
 With `--seeds`, each variant runs once per sweep seed (`sweep.seed`: other fine-tunes, as another CPU's arithmetic
-makes other fine-tunes), and the table ends with how often the headline held.
+makes other fine-tunes), and the table ends with how often the headline held. The seeds of one variant share its
+storage, and so the start it pretrained there.
 
     python bench/demo_cpu.py [--capabilities default avx2 avx512] [--onednn SSE41 AVX2] [--seeds 0 1 2] [--set KEY=VALUE ...]
 """
@@ -86,12 +87,13 @@ def main() -> None:
             print(f"{capability}: not run, this CPU lacks {' '.join(sorted(missing))}", flush=True)
             results.append({"capability": capability, "skipped": f"CPU lacks {' '.join(sorted(missing))}"})
             continue
-        for onednn, seed in ((o, s) for o in args.onednn for s in args.seeds):
-            root = f"file://{folder}/{capability}-{onednn}-{seed}-{int(time.time())}"
-            result = run_demo(capability, onednn, seed, root, args.overrides)
-            print(f"{capability}, oneDNN {result['onednn']}, sweep seed {seed}: greedy soup kept {result['greedy_kept']}, "
-                  f"{result['seconds']:.0f} s", flush=True)
-            results.append(result)
+        for onednn in args.onednn:
+            root = f"file://{folder}/{capability}-{onednn}-{int(time.time())}"  # its seeds share the start pretrained there
+            for seed in args.seeds:
+                result = run_demo(capability, onednn, seed, root, args.overrides)
+                print(f"{capability}, oneDNN {result['onednn']}, sweep seed {seed}: greedy soup kept "
+                      f"{result['greedy_kept']}, {result['seconds']:.0f} s", flush=True)
+                results.append(result)
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "?")
     print(f"\n`soup demo {' '.join('--set ' + o for o in args.overrides)}` on {model}, each capability on fresh storage "

@@ -206,6 +206,12 @@ def recorded_sha256(store: Store, url: str) -> tuple[str, str] | None:
     return None
 
 
+# `soup demo`: the default config in float64, so that every CPU trains the same fine-tunes and prints the same table,
+# on sweep seed 3: of seeds 0-9, the one whose greedy soup holds (>= 3 kept, above the best fine-tune on mean OOD) with
+# the OOD gain nearest the mean of all ten (bench/RESULTS.md, "The demo in float64")
+DEMO = ["recipe.options.dtype=float64", "sweep.seed=3"]
+
+
 def main(argv: list[str] | None = None) -> int:
     prefect_defaults(os.environ, CHECKOUT)
     parser = argparse.ArgumentParser(prog="soup", description="Model soups on Prefect")
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run the model_soup flow on a YAML config")
     run_parser.add_argument("config", type=Path)
-    demo_parser = commands.add_parser("demo", help="run the embedded default (digits) with local storage")
+    demo_parser = commands.add_parser("demo", help="run the embedded default (digits, in float64: the same table on "
+                                          "every CPU) with local storage")
     for sub in (run_parser, demo_parser):
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set sweep.n=4 (repeatable)")
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from model_soups.config_files import load_config
 
-            return run(load_config(None, args.overrides))
+            return run(load_config(None, DEMO + args.overrides))
         if args.command == "report":
             return report_command(args.run, args.experiment, args.root)
         if args.command == "push":

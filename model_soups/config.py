@@ -121,7 +121,8 @@ class SoupCommon(Strict):
         ">=", description="greedy acceptance: the paper's >= (ties accepted) or the official code's >"
     )
     ensembles: bool = Field(True, description="also report the ensemble and greedy ensemble from stored logits")
-    accumulate: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of averages")
+    accumulate: Literal["float32", "float64"] = Field(
+        "float32", description="accumulation dtype of averages (float64 checkpoints are always summed in float64)")
     search: Literal["grid", "coarse-to-fine"] = Field(
         "coarse-to-fine", description="how a task-vector soup searches each line of its grid (its alpha or lambda "
         "values, per TIES k or DARE p) on val: every value (grid), or every other value, then the best one's "

@@ -172,7 +172,8 @@ def soup_context(ctx: RunContext, pantry: Pantry, pretrained: PretrainedRecord, 
     scorer = Scorer(ctx.recipe, options, what, log)
     ranked = soups.rank(ingredients_of(metas), val_accuracy)
     by_id = {i.id: i for i in ranked}
-    soup_ctx = soups.SoupContext(pantry, ranked, val_accuracy, reference, soups.ACCUMULATE[options.accumulate],
+    accumulate = soups.accumulation(options.accumulate, reference)
+    soup_ctx = soups.SoupContext(pantry, ranked, val_accuracy, reference, accumulate,
                                  options.rule, scorer, scorer.model, scorer.val, ctx.recipe.eval_batch_size,
                                  pretrained=Ingredient("pretrained", pretrained.url, pretrained.sha256),
                                  base=[by_id[i] for i in base.ingredients] if base else None, device=this_device(),

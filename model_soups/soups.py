@@ -26,7 +26,11 @@ from model_soups.recipes.base import SplitData, logits_of
 from model_soups.records import GreedyStep, SearchStep, Step, StockStep, TaskMerge
 from model_soups.storage import TensorInfo
 
-ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+def accumulation(configured: str, reference: Mapping[str, TensorInfo]) -> torch.dtype:
+    """The dtype of running sums: `soup.accumulate`, or float64 where the checkpoints hold float64 (never below
+    their own precision)."""
+    return torch.float64 if any(info.dtype == torch.float64 for info in reference.values()) else getattr(torch, configured)
 
 
 @dataclass

@@ -73,7 +73,8 @@ def finetune(
                 partner = torch.randperm(len(labels), generator=generator).to(device)
                 inputs = {n: lam * v + (1 - lam) * v[partner] if v.is_floating_point() else v for n, v in inputs.items()}
             with autocast:
-                logits = logits_of(model(**inputs)).float()
+                logits = logits_of(model(**inputs))
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in float32 or above
             loss = lam * F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
             if partner is not None:
                 loss = loss + (1 - lam) * F.cross_entropy(logits, labels[partner], label_smoothing=hp.label_smoothing)

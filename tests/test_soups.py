@@ -16,8 +16,8 @@ from model_soups.methods import LearnedOptions
 from model_soups.recipes.base import get_recipe
 from model_soups.recipes.digits import DigitsNet
 from model_soups.ensembles import ensemble_logits, greedy_ensemble
-from model_soups.soups import SoupContext, greedy_soup, learned_soup, rank
-from model_soups.storage import Store
+from model_soups.soups import SoupContext, accumulation, greedy_soup, learned_soup, rank
+from model_soups.storage import Store, TensorInfo
 from tests.test_merge import any_store  # noqa: F401 (fixture)
 
 
@@ -237,3 +237,10 @@ def test_soup_search_is_part_of_the_key_of_the_soups_that_search_only():
         assert soup_key(grid, pretrained, metas, val, method) == soup_key(fine, pretrained, metas, val, method)
     for method in ("wiseft_best", "task_arithmetic", "ties", "dare", "dare_ties"):
         assert soup_key(grid, pretrained, metas, val, method) != soup_key(fine, pretrained, metas, val, method)
+
+
+def test_float64_checkpoints_are_summed_in_float64_whatever_soup_accumulate_says():
+    f64 = {"w": TensorInfo(torch.float64, (2,), 0, 16), "steps": TensorInfo(torch.int64, (), 16, 24)}
+    f32 = {"w": TensorInfo(torch.float32, (2,), 0, 8), "steps": TensorInfo(torch.int64, (), 8, 16)}
+    assert accumulation("float32", f64) == accumulation("float64", f64) == torch.float64
+    assert accumulation("float32", f32) == torch.float32 and accumulation("float64", f32) == torch.float64

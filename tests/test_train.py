@@ -58,3 +58,35 @@ def test_printed_digit_pretraining_is_deterministic_and_reads_handwriting_zero_s
     model.load_state_dict(recipe.make_pretrained())
     val = recipe.load_split("val")
     assert (predict(model, val).argmax(1) == val.labels.numpy()).mean() > 0.3  # trained on fonts only; chance is 0.1
+
+
+FINETUNE_IN_A_PROCESS = """
+import sys, safetensors.torch
+from model_soups.recipes.base import get_recipe
+from model_soups.train import finetune
+recipe = get_recipe("digits", {"width": 64, "pretrain_examples": 1000, "pretrain_epochs": 1, "dtype": sys.argv[1]})
+hp = recipe.Hyperparameters(lr=1e-3, epochs=1, max_steps=15, mixup=0.2, augment=1.0, label_smoothing=0.1, seed=3)
+safetensors.torch.save_file(finetune(recipe, recipe.make_pretrained(), hp, log=lambda _: None).state, sys.argv[2])
+"""
+
+
+def test_float64_digits_come_out_the_same_under_every_cpu_capability(tmp_path):
+    """`recipe.options.dtype: float64` is what makes the demo print one table on every CPU: the start (pretraining and
+    its linear probe) and a fine-tune with augmentation and mixup, under torch's plain kernels and under the best this
+    CPU has, agree to 1e-9. A net drawn in float32, a loss taken in float32 or a probe left where L-BFGS stops each
+    break that (1e-6 to 1e-2 apart here), and SGD grows such gaps into other fine-tunes."""
+    import os
+    import subprocess
+    import sys
+
+    states = []
+    for capability in ("DEFAULT", None):  # None: what torch picks on this CPU (AVX2 or AVX512 on x86)
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | (
+            {"ATEN_CPU_CAPABILITY": capability.lower()} if capability else {})
+        out = tmp_path / f"{capability}.safetensors"
+        subprocess.run([sys.executable, "-c", FINETUNE_IN_A_PROCESS, "float64", str(out)], env=env, check=True,
+                       timeout=300)
+        states.append(safetensors.torch.load_file(out))
+    plain, best = states
+    assert all(t.dtype == torch.float64 for t in plain.values() if t.is_floating_point())
+    assert max((plain[k] - best[k]).abs().max().item() for k in plain) < 1e-9

@@ -43,18 +43,20 @@ FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-Bold
 
 
 class DigitsNet(nn.Module):
-    def __init__(self, width: int = 64, classes: int = 10, norm: str = "group"):
+    def __init__(self, width: int = 64, classes: int = 10, norm: str = "group", dtype: torch.dtype = torch.float32):
         super().__init__()
+        made = {"dtype": dtype}  # drawn in this dtype: a float64 net drawn in float32 would start CPU-dependent
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
-            normalise = nn.GroupNorm(min(8, c_out // 2), c_out) if norm == "group" else nn.BatchNorm2d(c_out)
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), normalise, nn.ReLU()]
+            normalise = (nn.GroupNorm(min(8, c_out // 2), c_out, **made) if norm == "group" else
+                         nn.BatchNorm2d(c_out, **made))
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, **made), normalise, nn.ReLU()]
 
         self.backbone = nn.Sequential(
             *block(1, width), *block(width, width), nn.MaxPool2d(2),
             *block(width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.head = nn.Linear(2 * width, classes)
+        self.head = nn.Linear(2 * width, classes, **made)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -102,6 +104,12 @@ class Digits(Recipe):
             arrays[f"ood:{shift}"] = (_shift(images[test], shift, rng), labels[test])
         return arrays
 
+    def describe(self):
+        described = super().describe()
+        if self.options.dtype == "float32":  # as before `dtype` existed, so starts and fine-tunes stored then are found
+            del described["options"]["dtype"]
+        return described
+
     def data_fingerprint(self) -> str:
         return stable_hash({split: stable_hash(x.tobytes().hex() + y.tobytes().hex()) for split, (x, y) in self._arrays.items()})
 
@@ -109,28 +117,32 @@ class Digits(Recipe):
         return ["val", "test"] + [f"ood:{shift}" for shift in self.options.ood]
 
     def build_model(self) -> nn.Module:
-        return DigitsNet(self.options.width, norm=self.options.norm)
+        return DigitsNet(self.options.width, norm=self.options.norm, dtype=self._dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return getattr(torch, self.options.dtype)
 
     def load_split(self, split: str) -> SplitData:
         self.check_split(split)
         images, labels = self._arrays[split]
-        return SplitData({"x": torch.from_numpy(images).unsqueeze(1)}, torch.from_numpy(labels))
+        return SplitData({"x": torch.from_numpy(images).unsqueeze(1).to(self._dtype)}, torch.from_numpy(labels))
 
     def augment(self, inputs, strength, generator):
         x = inputs["x"]
         n = x.shape[0]
-        angle = (torch.rand(n, generator=generator) * 2 - 1) * (15.0 * strength) * torch.pi / 180
-        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (strength * 2 / x.shape[-1])
+        angle = (torch.rand(n, generator=generator, dtype=x.dtype) * 2 - 1) * (15.0 * strength) * torch.pi / 180
+        shift = (torch.rand(n, 2, generator=generator, dtype=x.dtype) * 2 - 1) * (strength * 2 / x.shape[-1])
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return {"x": F.grid_sample(x, grid.to(x.dtype), align_corners=False, padding_mode="zeros")}
+        return {"x": F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")}
 
     def make_pretrained(self) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
         images, labels = printed_digits(self.options.pretrain_examples, np.random.default_rng(0))
-        x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+        x, y = torch.from_numpy(images).unsqueeze(1).to(self._dtype), torch.from_numpy(labels)
         model = self.build_model()
         steps = self.options.pretrain_epochs * -(-len(x) // 128)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
