@@ -1,6 +1,6 @@
 """The learned soup's machinery (its body is `soups.learned_soup`): the gradient of the loss in each ingredient's
-weight as a projection taken while backward runs, the ingredients streamed one tensor at a time, and Adam on the
-weights of the ingredients drawn for a step."""
+weight as a projection taken while backward runs, the ingredients streamed one tensor at a time, a step's val batch
+cut by length, and Adam on the weights of the ingredients drawn for a step."""
 
 from __future__ import annotations
 
@@ -11,16 +11,31 @@ from typing import Container, Iterator, Mapping, Sequence
 import torch
 
 from model_soups.merge import Checkpoints, Ingredient
+from model_soups.recipes.base import SplitData
+
+
+# A step's batch of sequences is cut into this many parts of similar length, each padded to its own longest: on
+# text (64 SST-2 sentences of 13 tokens on average, padded to 30-56), forward and backward take 0.58 s a step on
+# 2 cores instead of 1.11 s (2 parts: 0.69 s, 8 parts: 0.63 s).
+LENGTH_PARTS = 4
+
+
+def by_length(data: SplitData, index: torch.Tensor) -> list[torch.Tensor]:
+    """`index` as parts of similar length (LENGTH_PARTS, shortest first), or whole as given when `data` has no
+    sequences."""
+    if data.lengths is None:
+        return [index]
+    return list(index[torch.argsort(data.lengths[index], stable=True)].tensor_split(LENGTH_PARTS))
 
 
 @contextmanager
-def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, n_readers: int, scratch: torch.Tensor):
+def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: int, readers: Sequence,
+                      scratch: torch.Tensor):
     """While a backward pass runs: <g, theta> (`mixed`, per row) and <g, tensor of reader j> (`projected`, per row
-    and reader, read into `scratch`) for each parameter's gradient g as soon as it is accumulated, which is then
-    freed."""
+    and reader, read into `scratch`) for each parameter's gradient g as soon as it is accumulated (on top of what
+    earlier backward passes left in .grad), which is then freed."""
     mixed = torch.zeros(n_rows, dtype=torch.float64)
-    projected = torch.zeros(n_rows, n_readers, dtype=torch.float64)
-    readers: list = []
+    projected = torch.zeros(n_rows, len(readers), dtype=torch.float64)
 
     def project(name: str, parameter: torch.Tensor) -> None:
         g, row = parameter.grad, rows[name]
@@ -31,7 +46,7 @@ def project_gradients(model: torch.nn.Module, rows: Mapping[str, int], n_rows: i
 
     hooks = [p.register_post_accumulate_grad_hook(partial(project, name)) for name, p in model.named_parameters()]
     try:
-        yield mixed, projected, readers
+        yield mixed, projected
     finally:
         for hook in hooks:
             hook.remove()

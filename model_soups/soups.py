@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from model_soups import task_vectors
 from model_soups.config import SoupOptions
-from model_soups.learned import SubsetAdam, project_gradients, stream
+from model_soups.learned import SubsetAdam, by_length, project_gradients, stream
 from model_soups.merge import Checkpoints, Ingredient, mean_of, weighted_average, weighted_sum
 from model_soups.methods import (SOUP_METHODS, DareOptions, DareTiesOptions, LearnedOptions, TaskArithmeticOptions,
                                  TiesOptions, WiseFTBestOptions, WiseFTOptions)
@@ -136,7 +136,9 @@ def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
     batch of models), runs one forward and backward pass of the mixed model, projects each tensor's gradient on
     those ingredients' tensor as soon as backward has made it (then frees it), and updates the mix in place by
     reading the drawn ingredients again. The others keep their logits, so their share of the mix only rescales.
-    Memory is the model plus one tensor's gradient and one read tensor, whatever N, besides what the pantry holds
+    A batch of sequences runs in parts of similar length (`learned.by_length`), whose gradients add up in .grad
+    until the last part's backward projects them. Memory is the model plus one tensor's gradient (the whole
+    gradient between parts of sequences) and one read tensor, whatever N, besides what the pantry holds
     (`execution.cook_memory_mb`; with none held, each read comes from local disk); with models_per_step >= N every
     step is the full gradient.
     """
@@ -159,14 +161,24 @@ def learned_soup(ctx: SoupContext, o: LearnedOptions) -> Soup:
                 tensors[name].add_(tensor.to(ctx.device, tensors[name].dtype), alpha=1 / n)
             elif j == 0:  # integer buffers: the first ingredient's
                 state[name].copy_(tensor)
+
+    def backward(part: torch.Tensor, batch: int) -> None:
+        """Backward of the batch's mean loss over the examples of `part`."""
+        inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(part).items()}
+        loss = F.cross_entropy(logits_of(model(**inputs)), labels[part.to(ctx.device)])
+        (loss * (len(part) / batch)).backward()
+
     for _ in range(o.steps):
         step = list(range(n)) if o.models_per_step >= n else \
             sorted(torch.randperm(n, generator=draws)[: o.models_per_step].tolist())
         index = torch.randperm(len(ctx.val), generator=batches)[: ctx.eval_batch_size]
-        inputs = {name: value.to(ctx.device) for name, value in ctx.val.batch(index).items()}
-        with ExitStack() as files, project_gradients(model, rows, len(alpha), len(step), scratch) as (mixed, projected, readers):
-            readers.extend(files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step)
-            F.cross_entropy(logits_of(model(**inputs)), labels[index.to(ctx.device)]).backward()
+        *first, last = by_length(ctx.val, index)
+        for part in first:  # their gradients add up in .grad; the last part's backward projects the sum
+            backward(part, len(index))
+        with ExitStack() as files:
+            readers = [files.enter_context(store.open_checkpoint(ranked[i].url)) for i in step]
+            with project_gradients(model, rows, len(alpha), readers, scratch) as (mixed, projected):
+                backward(last, len(index))
         before = torch.softmax(alpha, dim=1)
         start = torch.logsumexp(alpha, dim=1)
         # dL/dalpha_i = w_i * (<g, theta_i> - <g, theta>) per row

@@ -13,7 +13,8 @@ from model_soups.config import StorageConfig
 from model_soups.evaluate import metrics, predict
 from model_soups.merge import Ingredient, weighted_average
 from model_soups.methods import LearnedOptions
-from model_soups.recipes.base import get_recipe
+from model_soups.learned import by_length
+from model_soups.recipes.base import SplitData, get_recipe
 from model_soups.recipes.digits import DigitsNet
 from model_soups.ensembles import ensemble_logits, greedy_ensemble
 from model_soups.soups import SoupContext, accumulation, greedy_soup, learned_soup, rank
@@ -135,7 +136,7 @@ def stacked_learned_weights(ctx, steps, granularity="per-layer"):
         w = torch.softmax(alpha, dim=1)
         state = {k: torch.tensordot(w[rows[k]] if k in parameters else w[rows[k]].detach(), stack, dims=1)
                  for k, stack in stacks.items()} | fixed
-        inputs = {k: v.double() for k, v in ctx.val.batch(index).items()}
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in ctx.val.batch(index).items()}
         loss = torch.nn.functional.cross_entropy(functional_call(model, state, args=(), kwargs=inputs), ctx.val.labels[index])
         optimizer.zero_grad()
         loss.backward()
@@ -154,6 +155,49 @@ def test_learned_soup_with_every_ingredient_per_step_is_the_full_gradient_of_the
     for name, weights in expected.items():
         assert soup.weights[name] == pytest.approx(weights, abs=2e-5), name
         assert weights != pytest.approx([1 / 3] * 3, abs=1e-3) or "running" in name or "num_batches" in name, name
+    assert soup.weights["head.weight"] != pytest.approx([1 / 3] * 3, abs=1e-3)  # it moved away from the uniform start
+
+
+class MeanOfTokens(torch.nn.Module):
+    """A sequence classifier in miniature: embeddings, their mean over real tokens, a hidden layer and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden, self.head = torch.nn.Embedding(30, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        return self.head(torch.tanh(self.hidden((self.embed(input_ids) * mask).sum(1) / mask.sum(1))))
+
+
+def test_learned_soup_on_sequences_runs_in_parts_by_length_and_is_the_full_gradient_of_the_stacked_soup(store):
+    """A batch of sequences of lengths 1 to 24 goes through forward and backward in parts of similar length, each
+    padded to its own longest; the gradients of the parts add up to the whole batch's."""
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 25, (200,))
+    mask = (torch.arange(24) < lengths[:, None]).long()
+    val = SplitData({"input_ids": torch.randint(1, 30, (200, 24)) * mask, "attention_mask": mask},
+                    torch.randint(0, 2, (200,)), lengths=lengths)
+    index = torch.randperm(200)[:30]
+    parts = by_length(val, index)
+    assert len(parts) > 1 and sorted(torch.cat(parts).tolist()) == sorted(index.tolist())
+    assert [int(val.lengths[p].max()) for p in parts] == sorted(int(val.lengths[p].max()) for p in parts)
+    assert sum(val.batch(p)["input_ids"].numel() for p in parts) < 0.8 * val.batch(index)["input_ids"].numel()
+    assert by_length(SplitData(val.inputs, val.labels), index) == [index]  # no lengths: the batch as drawn
+
+    start = MeanOfTokens().state_dict()
+    ingredients = []
+    for i in range(3):
+        state = {k: v + 0.5 * torch.randn_like(v) for k, v in start.items()}
+        url = store.url(f"s{i}.safetensors")
+        ingredients.append(Ingredient(f"s{i}", url, store.save_checkpoint(url, state)))
+    with store.open_checkpoint(ingredients[0].url) as reader:
+        ctx = SoupContext(store, ingredients, {i.id: 0.5 for i in ingredients}, reader.info, torch.float32, ">=", None,
+                          MeanOfTokens(), val, eval_batch_size=30)
+    soup = learned_soup(ctx, LearnedOptions(steps=6, models_per_step=3))
+    expected = stacked_learned_weights(ctx, 6)
+    for name, weights in expected.items():
+        assert soup.weights[name] == pytest.approx(weights, abs=2e-5), name
     assert soup.weights["head.weight"] != pytest.approx([1 / 3] * 3, abs=1e-3)  # it moved away from the uniform start
 
 
