@@ -21,11 +21,12 @@ LENGTH_PARTS = 4
 
 
 def by_length(data: SplitData, index: torch.Tensor) -> list[torch.Tensor]:
-    """`index` as parts of similar length (LENGTH_PARTS, shortest first), or whole as given when `data` has no
-    sequences."""
+    """`index` as parts of similar length (up to LENGTH_PARTS, none empty, shortest first), or whole as given when
+    `data` has no sequences."""
     if data.lengths is None:
         return [index]
-    return list(index[torch.argsort(data.lengths[index], stable=True)].tensor_split(LENGTH_PARTS))
+    shortest_first = index[torch.argsort(data.lengths[index], stable=True)]
+    return [part for part in shortest_first.tensor_split(LENGTH_PARTS) if len(part)]
 
 
 @contextmanager

@@ -172,7 +172,8 @@ class MeanOfTokens(torch.nn.Module):
 
 def test_learned_soup_on_sequences_runs_in_parts_by_length_and_is_the_full_gradient_of_the_stacked_soup(store):
     """A batch of sequences of lengths 1 to 24 goes through forward and backward in parts of similar length, each
-    padded to its own longest; the gradients of the parts add up to the whole batch's."""
+    padded to its own longest; the gradients of the parts add up to the whole batch's. A batch of 30 makes parts of
+    8, 8, 7 and 7, so each part's mean loss must count by its size."""
     torch.manual_seed(0)
     lengths = torch.randint(1, 25, (200,))
     mask = (torch.arange(24) < lengths[:, None]).long()
@@ -184,6 +185,7 @@ def test_learned_soup_on_sequences_runs_in_parts_by_length_and_is_the_full_gradi
     assert [int(val.lengths[p].max()) for p in parts] == sorted(int(val.lengths[p].max()) for p in parts)
     assert sum(val.batch(p)["input_ids"].numel() for p in parts) < 0.8 * val.batch(index)["input_ids"].numel()
     assert by_length(SplitData(val.inputs, val.labels), index) == [index]  # no lengths: the batch as drawn
+    assert [len(p) for p in by_length(val, index[:2])] == [1, 1]  # fewer examples than parts: no empty part
 
     start = MeanOfTokens().state_dict()
     ingredients = []
